@@ -1,0 +1,106 @@
+"""Measurements of the models, all judged from pixels by `utils.judge` (never by the model itself).
+
+- `prompt_accuracy`: generate one image per grammar prompt and count the attributes it got right;
+- `vae_roundtrip`: PSNR of VAE reconstructions, and the judge run on those reconstructions;
+- `clip_zero_shot`: colour and shape read by CLIP from "a {colour} {shape}" prompts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from .images import latents_to_pil, pil_to_latents
+from .judge import ATTRIBUTES, judge_image, score
+from .seeding import make_generator
+from .toyworld import COLOURS, POSITIONS, SHAPES, Scene, render_scene
+
+
+def _rates(hits: dict[str, list[bool]]) -> dict[str, float]:
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+def scene_attributes(scene: Scene) -> dict[str, str]:
+    """All five attributes of a scene, mentioned in its caption or not."""
+    return {"shape": scene.shape, "colour": scene.colour, "size": scene.size,
+            "position": POSITIONS[scene.position], "background": scene.background}
+
+
+@torch.no_grad()
+def prompt_accuracy(pipe, scenes: list[Scene], num_inference_steps: int = 25,
+                    guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 25,
+                    return_images: bool = False) -> dict:
+    """Generate one image per scene caption (seed `seed + i` for the i-th) and judge it.
+
+    Returns {"n": ..., "all": rate, "<attribute>": rate for each attribute the captions ask for}
+    (and "images" with `return_images`).
+    """
+    hits: dict[str, list[bool]] = defaultdict(list)
+    images = []
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start : start + batch_size]
+        out = pipe(
+            [s.caption for s in chunk],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=[make_generator(seed + start + i) for i in range(len(chunk))],
+        ).images
+        for image, scene in zip(out, chunk):
+            for key, ok in score(image, scene.attributes).items():
+                hits[key].append(ok)
+        if return_images:
+            images += out
+    result = {"n": len(scenes), **_rates(hits)}
+    if return_images:
+        result["images"] = images
+    return result
+
+
+@torch.no_grad()
+def vae_roundtrip(vae, scenes: list[Scene], batch_size: int = 100) -> dict:
+    """Encode and decode rendered scenes; PSNR (dB, on 0-255) and the judge on the round trips."""
+    psnrs, hits = [], defaultdict(list)
+    size = vae.config.sample_size
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start : start + batch_size]
+        originals = [render_scene(s, size)["image"] for s in chunk]
+        recons = latents_to_pil(pil_to_latents(originals, vae), vae)
+        for original, recon, scene in zip(originals, recons, chunk):
+            a = np.asarray(original, dtype=np.float64)
+            b = np.asarray(recon, dtype=np.float64)
+            psnrs.append(10 * np.log10(255.0**2 / max(np.mean((a - b) ** 2), 1e-10)))
+            seen = judge_image(recon)
+            wanted = scene_attributes(scene)
+            for key in ATTRIBUTES:
+                hits[key].append(seen.get(key) == wanted[key])
+            hits["all"].append(all(seen.get(k) == v for k, v in wanted.items()))
+    return {"n": len(scenes), "psnr": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)),
+            **_rates(hits)}
+
+
+@torch.no_grad()
+def clip_zero_shot(model, processor, scenes: list[Scene]) -> dict:
+    """Zero-shot classification over the 32 prompts "a {colour} {shape}"; colour and shape rates."""
+    labels = [(c, s) for c in COLOURS for s in SHAPES]
+    text = processor(text=[f"a {c} {s}" for c, s in labels], padding="max_length",
+                     max_length=77, return_tensors="pt")
+    text_embeds = model.get_text_features(**text)
+    text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    hits = defaultdict(list)
+    for start in range(0, len(scenes), 200):
+        chunk = scenes[start : start + 200]
+        size = model.config.vision_config.image_size
+        pixels = processor(images=[render_scene(s, size)["image"] for s in chunk],
+                           return_tensors="pt").pixel_values
+        image_embeds = model.get_image_features(pixel_values=pixels)
+        image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        best = (image_embeds @ text_embeds.T).argmax(1).tolist()
+        for k, scene in zip(best, chunk):
+            colour, shape = labels[k]
+            hits["colour"].append(colour == scene.colour)
+            hits["shape"].append(shape == scene.shape)
+    return {"n": len(scenes), **_rates(hits)}
