@@ -1,0 +1,495 @@
+"""Rebuild the bundled miniature Stable Diffusion from nothing.
+
+    python scripts/build_mini_sd.py                       # full build into models/mini-sd (+ models/mini-clip)
+    python scripts/build_mini_sd.py --smoke --out /tmp/x  # the CPU smoke run the tests use (< 2 min)
+
+Stages, each resumable (a stage whose output exists is skipped; a stage that was cut off resumes from
+its last checkpoint in --work):
+  1. tokenizer  the real CLIP BPE tokenizer, from open_clip's merges file (scripts/build_tokenizer.py)
+  2. data       toy-world images rendered once and cached
+  3. clip       a small CLIPModel (text + vision towers) trained contrastively on captions
+  4. vae        an AutoencoderKL (8x per side, 4 latent channels, KL-regularised); its scaling
+                factor = 1 / std of the latents, as SD's 0.18215 was computed
+  5. unet       a UNet2DConditionModel trained on the frozen CLIP text encoder's hidden states, the
+                1000-step scaled-linear schedule, v-prediction, 10% caption dropout
+  6. assemble   a StableDiffusionPipeline with SD's PNDM scheduler, saved as fp16 safetensors
+
+Runs on CUDA when there is one (bf16 autocast, larger batches), else on the CPU.
+Evaluate the result with scripts/evaluate.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from build_tokenizer import build_tokenizer, find_merges_file  # noqa: E402
+
+from utils.toyworld import (  # noqa: E402
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    caption_for,
+    make_dataset,
+    make_scenes,
+)
+
+IMAGE_SIZE = 64
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+)
+
+
+@dataclass
+class Config:
+    n_images: int = 60_000
+    seed: int = 0
+    text_hidden: int = 64
+    text_layers: int = 3
+    vision_layers: int = 3
+    clip_steps: int = 2_000
+    clip_batch: int = 256
+    clip_lr: float = 1e-3
+    vae_channels: tuple = (16, 32, 64, 64)
+    vae_steps: int = 3_000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_channels: tuple = (64, 128, 128)
+    unet_steps: int = 4_500
+    unet_batch: int = 128
+    unet_lr: float = 4e-4
+    caption_dropout: float = 0.1
+    mention_prob: float = 0.75
+    prediction_type: str = "v_prediction"
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+
+
+SMOKE = dict(
+    n_images=512, clip_steps=10, clip_batch=64, vae_steps=10, vae_batch=16, unet_steps=10,
+    unet_batch=32, checkpoint_every=5,
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to 5% of `base`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def random_caption(scene: Scene, rng: random.Random, mention_prob: float) -> str:
+    mention = tuple(rng.random() < mention_prob for _ in range(4))
+    return caption_for(Scene(**{**asdict(scene), "mention": mention}))
+
+
+def to_model_input(images_uint8: np.ndarray, device) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    x = torch.from_numpy(images_uint8).to(device).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1
+
+
+class Trainer:
+    """One resumable training loop: model + AdamW + checkpoint every few steps."""
+
+    def __init__(self, name, model, cfg_steps, lr, work: Path, device, every: int):
+        self.name, self.model, self.total, self.base_lr = name, model, cfg_steps, lr
+        self.opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2
+        )
+        self.ckpt = work / f"{name}_checkpoint.pt"
+        self.device, self.every, self.step, self.extra = device, every, 0, {}
+        if self.ckpt.exists():
+            state = torch.load(self.ckpt, map_location=device, weights_only=False)
+            model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.step, self.extra = state["step"], state.get("extra", {})
+            log(f"{name}: resumed from step {self.step}")
+
+    def save(self) -> None:
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                 "step": self.step, "extra": self.extra}
+        torch.save(state, self.ckpt.with_suffix(".tmp"))
+        self.ckpt.with_suffix(".tmp").replace(self.ckpt)
+
+    def run(self, loss_fn, after_step=None):
+        bar = tqdm(total=self.total, initial=self.step, desc=self.name, mininterval=5)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        smooth = None
+        while self.step < self.total:
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(self.step, self.total, self.base_lr)
+            with autocast:
+                loss = loss_fn(self.step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            if after_step:
+                after_step(self.step)
+            self.step += 1
+            smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+            if self.step % self.every == 0 or self.step == self.total:
+                self.save()
+        bar.close()
+        return smooth
+
+
+# ----------------------------------------------------------------------------- stages
+def stage_tokenizer(out: Path):
+    target = out / "mini-sd" / "tokenizer"
+    if not (target / "tokenizer.json").exists():
+        build_tokenizer(find_merges_file()).save_pretrained(target)
+        log(f"tokenizer saved to {target}")
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(target)
+
+
+def stage_data(cfg: Config, work: Path):
+    cache = work / f"toyworld_{cfg.n_images}_{cfg.seed}.npz"
+    if cache.exists():
+        return make_scenes(cfg.n_images, cfg.seed), np.load(cache)["images"]
+    t0 = time.time()
+    scenes, images = make_dataset(cfg.n_images, seed=cfg.seed, image_size=IMAGE_SIZE)
+    np.savez(cache, images=images)
+    log(f"rendered {len(images)} toy-world images in {time.time() - t0:.0f} s")
+    return scenes, images
+
+
+def clip_configs(cfg: Config, tokenizer):
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
+        projection_dim=cfg.text_hidden, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        image_size=IMAGE_SIZE, patch_size=8, hidden_size=cfg.text_hidden,
+        intermediate_size=4 * cfg.text_hidden, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=4, projection_dim=cfg.text_hidden,
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                      projection_dim=cfg.text_hidden)
+
+
+def clip_pixels(images_uint8: np.ndarray, device) -> torch.Tensor:
+    x = torch.from_numpy(images_uint8).to(device).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(CLIP_MEAN, device=device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=device)[:, None, None]
+    return (x - mean) / std
+
+
+def stage_clip(cfg: Config, out: Path, work: Path, tokenizer, scenes, images, device):
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    target = out / "mini-clip"
+    if (target / "model.safetensors").exists():
+        return CLIPModel.from_pretrained(target, dtype=torch.float32)
+    torch.manual_seed(cfg.seed)
+    model = CLIPModel(clip_configs(cfg, tokenizer)).to(device).train()
+    rng = random.Random(cfg.seed + 1)
+    n_train = len(images) - min(1000, len(images) // 8)
+
+    def loss_fn(step):
+        idx = [rng.randrange(n_train) for _ in range(cfg.clip_batch)]
+        captions = [random_caption(scenes[i], rng, cfg.mention_prob) for i in idx]
+        tokens = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                           return_tensors="pt").to(device)
+        outputs = model(input_ids=tokens.input_ids, pixel_values=clip_pixels(images[idx], device))
+        logits = outputs.logits_per_image.float()  # (B images, B captions)
+        # equal captions are equally right: spread the target over duplicates
+        same = torch.tensor([[a == b for b in captions] for a in captions], device=device).float()
+        # a partial caption is right for every image it describes
+        targets = same / same.sum(1, keepdim=True)
+        return 0.5 * (
+            torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
+            + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean()
+        )
+
+    trainer = Trainer("clip", model, cfg.clip_steps, cfg.clip_lr, work, device, cfg.checkpoint_every)
+    trainer.run(loss_fn)
+    model.eval()
+    _zero_unused_token_rows(model.text_model, tokenizer, scenes, cfg)
+    model.save_pretrained(target)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        ),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(target)
+    log(f"CLIP saved to {target}")
+    return model
+
+
+def _zero_unused_token_rows(text_model, tokenizer, scenes, cfg) -> None:
+    """Rows of the 49,408-token table that training never touched stay random: zero them.
+
+    Every word outside the toy-world grammar then maps to the same (zero) token vector, which is
+    honest (the model never learned it) and keeps the file compressible.
+    """
+    rng = random.Random(0)
+    used = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for scene in scenes:
+        used.update(tokenizer(random_caption(scene, rng, 1.0)).input_ids)
+        used.update(tokenizer(random_caption(scene, rng, 0.0)).input_ids)
+    grammar = [*COLOURS, *BACKGROUNDS, *SHAPES, *SIZES, *POSITIONS, "a an on background"]
+    used.update(tokenizer(" ".join(grammar)).input_ids)
+    table = text_model.embeddings.token_embedding.weight
+    keep = torch.zeros(table.shape[0], dtype=torch.bool)
+    keep[sorted(used)] = True
+    with torch.no_grad():
+        table[~keep.to(table.device)] = 0
+    log(f"token table: kept {int(keep.sum())} trained rows of {table.shape[0]}")
+
+
+def vae_model(cfg: Config):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1, norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def edge_weight(x: torch.Tensor) -> torch.Tensor:
+    """1 on flat regions, 5 within a pixel of an edge: sharp small shapes matter most."""
+    gray = x.mean(1, keepdim=True)
+    dx = F.pad((gray[..., :, 1:] - gray[..., :, :-1]).abs(), (0, 1, 0, 0))
+    dy = F.pad((gray[..., 1:, :] - gray[..., :-1, :]).abs(), (0, 0, 0, 1))
+    edges = ((dx + dy) > 0.05).float()
+    return 1 + 4 * F.max_pool2d(edges, 3, stride=1, padding=1)
+
+
+def stage_vae(cfg: Config, out: Path, work: Path, images, device):
+    from diffusers import AutoencoderKL
+
+    target = out / "mini-sd" / "vae"
+    if (target / "diffusion_pytorch_model.safetensors").exists():
+        return AutoencoderKL.from_pretrained(target)
+    torch.manual_seed(cfg.seed)
+    vae = vae_model(cfg).to(device).train()
+    rng = np.random.default_rng(cfg.seed + 2)
+    n_train = len(images) - min(1000, len(images) // 8)
+
+    def loss_fn(step):
+        x = to_model_input(images[rng.integers(0, n_train, cfg.vae_batch)], device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        err = recon.float() - x
+        weight = edge_weight(x)
+        rec = (weight * (err.pow(2) + 0.1 * err.abs())).mean()
+        return rec + cfg.vae_kl_weight * posterior.kl().mean()
+
+    trainer = Trainer("vae", vae, cfg.vae_steps, cfg.vae_lr, work, device, cfg.checkpoint_every)
+    trainer.run(loss_fn)
+    vae.eval()
+    # SD's scaling factor: 1 / std of the (sampled) latents over the training images
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        batches = [images[i : i + 256] for i in range(0, min(n_train, 4096), 256)]
+        latents = torch.cat([
+            vae.encode(to_model_input(b, device)).latent_dist.sample(gen) for b in batches
+        ])
+    scaling = 1.0 / latents.float().std().item()
+    vae.register_to_config(scaling_factor=round(scaling, 5))
+    vae.save_pretrained(target)
+    log(f"VAE saved to {target}; latent std {1 / scaling:.4f} -> scaling_factor {scaling:.5f}")
+    return vae
+
+
+def unet_model(cfg: Config):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4,
+        block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def text_encoder_from_clip(clip):
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    return text_encoder.eval()
+
+
+def stage_unet(cfg: Config, out: Path, work: Path, tokenizer, clip, vae, scenes, images, device,
+               init: Path | None = None):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    target = out / "mini-sd" / "unet"
+    if (target / "diffusion_pytorch_model.safetensors").exists():
+        return UNet2DConditionModel.from_pretrained(target)
+    text_encoder = text_encoder_from_clip(clip).to(device).requires_grad_(False)
+    vae = vae.to(device).requires_grad_(False)
+    n_train = len(images) - min(1000, len(images) // 8)
+    # encode the training images once: the latent distribution's mean and std
+    moments = []
+    with torch.no_grad():
+        for i in tqdm(range(0, n_train, 512), desc="encode", mininterval=5):
+            dist = vae.encode(to_model_input(images[i : min(i + 512, n_train)], device)).latent_dist
+            moments.append(torch.stack([dist.mean, dist.std], 1).half())
+    moments = torch.cat(moments)  # (N, 2, 4, h, w)
+    scaling = vae.config.scaling_factor
+
+    torch.manual_seed(cfg.seed)
+    unet = unet_model(cfg)
+    if init is not None:  # continue training an earlier UNet (weights only: a fresh optimizer)
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init).float().state_dict())
+        log(f"unet: starting from the weights in {init}")
+    unet = unet.to(device).train()
+    ema = [p.detach().clone() for p in unet.parameters()]
+    noise_scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=cfg.prediction_type)
+    rng = random.Random(cfg.seed + 3)
+    gen = torch.Generator(device).manual_seed(cfg.seed + 3)
+
+    def loss_fn(step):
+        idx = [rng.randrange(n_train) for _ in range(cfg.unet_batch)]
+        captions = [
+            "" if rng.random() < cfg.caption_dropout
+            else random_caption(scenes[i], rng, cfg.mention_prob)
+            for i in idx
+        ]
+        with torch.no_grad():
+            tokens = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids.to(device)
+            prompt_embeds = text_encoder(tokens)[0]
+            m = moments[idx].float()
+            latents = (m[:, 0] + m[:, 1] * torch.randn(m[:, 0].shape, generator=gen, device=device))
+            latents = latents * scaling
+        noise = torch.randn(latents.shape, generator=gen, device=device)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen, device=device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        target_ = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(
+            latents, noise, t)
+        pred = unet(noisy, t, prompt_embeds).sample
+        return F.mse_loss(pred.float(), target_)
+
+    def ema_update(step):
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, unet.parameters()):
+                e.lerp_(p.detach(), 1 - decay)
+
+    trainer = Trainer("unet", unet, cfg.unet_steps, cfg.unet_lr, work, device, cfg.checkpoint_every)
+    if "ema" in trainer.extra:
+        ema = [e.to(device) for e in trainer.extra["ema"]]
+    trainer.extra["ema"] = ema
+    trainer.run(loss_fn, after_step=ema_update)
+    with torch.no_grad():
+        for e, p in zip(ema, unet.parameters()):
+            p.copy_(e)
+    unet.eval().save_pretrained(target)
+    log(f"UNet (EMA weights) saved to {target}")
+    return unet
+
+
+def stage_assemble(cfg: Config, out: Path, tokenizer, clip, vae, unet):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    target = out / "mini-sd"
+    scheduler = PNDMScheduler(
+        **SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+        prediction_type=cfg.prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.cpu().float(), text_encoder=text_encoder_from_clip(clip.cpu().float()),
+        tokenizer=tokenizer, unet=unet.cpu().float(), scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(target, safe_serialization=True)
+    # fp16 on disk, configs left in float32 so that a plain from_pretrained loads float32 on a CPU
+    for weights in list(target.rglob("*.safetensors")) + list((out / "mini-clip").rglob("*.safetensors")):
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}
+        save_file(tensors, weights, metadata={"format": "pt"})
+    (target / "build_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    log(f"pipeline saved to {target}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "models", help="models folder")
+    parser.add_argument("--work", type=Path, default=ROOT / "build", help="checkpoints and caches")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for tests (< 2 min on CPU)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier outputs and checkpoints")
+    parser.add_argument("--unet-init", type=Path, default=None,
+                        help="a UNet folder to continue training from (weights only)")
+    for field, value in asdict(Config()).items():
+        if isinstance(value, (int, float, str)):
+            parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=None)
+    args = parser.parse_args()
+
+    cfg = Config(**(SMOKE if args.smoke else {}))
+    for field in asdict(cfg):
+        value = getattr(args, field, None)
+        if value is not None:
+            setattr(cfg, field, value)
+    if args.fresh:
+        shutil.rmtree(args.work, ignore_errors=True)
+        for name in ("mini-sd", "mini-clip"):
+            shutil.rmtree(args.out / name, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    log(f"building into {args.out} on {device} with {json.dumps(asdict(cfg))}")
+    t0 = time.time()
+
+    tokenizer = stage_tokenizer(args.out)
+    scenes, images = stage_data(cfg, args.work)
+    clip = stage_clip(cfg, args.out, args.work, tokenizer, scenes, images, device)
+    log(f"clip done at {time.time() - t0:.0f} s")
+    vae = stage_vae(cfg, args.out, args.work, images, device)
+    log(f"vae done at {time.time() - t0:.0f} s")
+    unet = stage_unet(cfg, args.out, args.work, tokenizer, clip, vae, scenes, images, device,
+                      init=args.unet_init)
+    log(f"unet done at {time.time() - t0:.0f} s")
+    stage_assemble(cfg, args.out, tokenizer, clip, vae, unet)
+    log(f"built in {time.time() - t0:.0f} s; evaluate with: python scripts/evaluate.py")
+
+
+if __name__ == "__main__":
+    main()

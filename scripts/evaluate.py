@@ -1,0 +1,111 @@
+"""Measure the bundled mini Stable Diffusion against the course's targets; print the numbers.
+
+    python scripts/evaluate.py                     # the full evaluation (a few minutes on 2 CPU cores)
+    python scripts/evaluate.py --prompts 20 --images 50 --models /tmp/x   # quick look
+
+Everything is judged from pixels by utils/judge.py, on prompts and images the models never saw
+(seeds distinct from training). Writes the numbers to <models>/mini-sd/metrics.json too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.evaluation import clip_zero_shot, prompt_accuracy, vae_roundtrip  # noqa: E402
+from utils.judge import ATTRIBUTES  # noqa: E402
+from utils.seeding import make_generator  # noqa: E402
+from utils.toyworld import grammar_prompts  # noqa: E402
+
+TARGETS = {
+    "prompts.all": 0.90, "prompts.colour": 0.97, "prompts.shape": 0.97,
+    "vae.psnr": 30.0, **{f"vae.{a}": 0.99 for a in ATTRIBUTES},
+    "clip.colour": 0.98, "clip.shape": 0.98, "speed.seconds_per_image": 2.0,
+}
+EVAL_SEED = 1_000_003  # scenes drawn from this seed were never rendered for training
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--images", type=int, default=500, help="images for the VAE and CLIP")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--no-save", action="store_true", help="don't write metrics.json")
+    args = parser.parse_args()
+
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPProcessor
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.models / "mini-sd", use_safetensors=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    metrics: dict = {
+        "setup": {
+            "scheduler": "DPMSolverMultistepScheduler (DPM-Solver++)", "steps": args.steps,
+            "guidance_scale": args.guidance, "torch_threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        }
+    }
+    t0 = time.time()
+    scenes = grammar_prompts(args.prompts, seed=EVAL_SEED)
+    metrics["prompts"] = prompt_accuracy(pipe, scenes, args.steps, args.guidance, seed=EVAL_SEED)
+    print(f"prompt accuracy done in {time.time() - t0:.0f} s", flush=True)
+
+    # speed: one guided 25-step image at batch 1, the median of 3 after a warm-up
+    times = []
+    for i in range(4):
+        start = time.perf_counter()
+        pipe("a red star in the top left", num_inference_steps=args.steps,
+             guidance_scale=args.guidance, generator=make_generator(i))
+        times.append(time.perf_counter() - start)
+    metrics["speed"] = {"seconds_per_image": float(sorted(times[1:])[1])}
+
+    held_out = grammar_prompts(args.images, seed=EVAL_SEED + 1)
+    metrics["vae"] = vae_roundtrip(pipe.vae, held_out)
+    clip_dir = args.models / "mini-clip"
+    clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32, use_safetensors=True).eval()
+    metrics["clip"] = clip_zero_shot(clip, CLIPProcessor.from_pretrained(clip_dir), held_out)
+    metrics["setup"]["seconds"] = round(time.time() - t0)
+
+    print(f"\n{'metric':<28}{'value':>9}{'target':>9}  met")
+    for group in ("prompts", "vae", "clip", "speed"):
+        for key, value in metrics[group].items():
+            if key == "n":
+                continue
+            name = f"{group}.{key}"
+            target = TARGETS.get(name)
+            shown = f"{value:.2f}" if key.startswith(("psnr", "seconds")) else f"{value:.1%}"
+            if target is None:
+                met = ""
+            elif name == "speed.seconds_per_image":
+                met = "yes" if value <= target else "NO"
+            else:
+                met = "yes" if value >= target else "NO"
+            goal = "" if target is None else (f"{target:.1f}" if target > 1 else f"{target:.0%}")
+            print(f"{name:<28}{shown:>9}{goal:>9}  {met}")
+    print(f"(n: {metrics['prompts']['n']} prompts, {metrics['vae']['n']} images; "
+          f"{metrics['setup']['seconds']} s on {metrics['setup']['machine']})")
+    if not args.no_save:
+        path = args.models / "mini-sd" / "metrics.json"
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
