@@ -58,6 +58,13 @@ def test_size_not_multiple_of_8_is_a_clear_error(mini_pipe):
         _generate(mini_pipe, height=60, width=64)
 
 
+def test_height_without_width_falls_back_to_the_default_size(mini_pipe):
+    # documented diffusers behaviour (0.42): unless both height and width are given, both are
+    # reset to the model's default, so a lone height is ignored: always pass both
+    assert _generate(mini_pipe, height=32, num_inference_steps=2).size == (64, 64)
+    assert _generate(mini_pipe, height=32, width=48, num_inference_steps=2).size == (48, 32)
+
+
 def test_empty_prompt_is_the_unconditional_prompt(mini_pipe):
     # documented behaviour: "" is what classifier-free guidance uses as the unconditional prompt,
     # so an empty prompt is valid and gives an image from the model's unconditional distribution
