@@ -38,6 +38,17 @@ class CourseSetup:
         return f"device={self.device.type} dtype={self.dtype} model={self.model} ({self.source})"
 
 
+def _png_only() -> None:
+    """In a Jupyter kernel, show PIL images as PNG only (not PNG and JPEG): lighter notebooks."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and "image/jpeg" in shell.display_formatter.formatters:
+        shell.display_formatter.formatters["image/jpeg"].enabled = False
+
+
 def setup_notebook(seed: int = 0, model: str | None = None, task: str = "text-to-image") -> CourseSetup:
     """Make a notebook quiet and deterministic, choose the model, and say what was chosen.
 
@@ -46,7 +57,8 @@ def setup_notebook(seed: int = 0, model: str | None = None, task: str = "text-to
       prompt, stay on);
     - global seeds set (pass fresh generators to pipelines anyway: `make_generator(seed)`);
     - `model` ("auto", "mini", "real"; default: the COURSE_MODEL environment variable, else "auto")
-      is resolved once and stored in COURSE_MODEL, so every later `load_pipeline` call agrees.
+      is resolved once and stored in COURSE_MODEL, so every later `load_pipeline` call agrees;
+    - in Jupyter, PIL images are stored as PNG only (IPython would store a JPEG copy as well).
     """
     entry = resolve_model(task, model)
     os.environ["COURSE_MODEL"] = entry.kind
@@ -63,6 +75,7 @@ def setup_notebook(seed: int = 0, model: str | None = None, task: str = "text-to
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    _png_only()
     seed_everything(seed)
     device = get_device()
     return CourseSetup(device, get_dtype(device), entry.kind, str(entry.source))
