@@ -432,10 +432,12 @@ def stage_assemble(cfg: Config, out: Path, tokenizer, clip, vae, unet):
     from safetensors.torch import load_file, save_file
 
     target = out / "mini-sd"
-    scheduler = PNDMScheduler(
+    # SD 1.5's scheduler config, key for key: PNDM ignores clip_sample, but the schedulers built from
+    # it with from_config read it (DDIM's own default, True, would clip the latents to [-1, 1])
+    scheduler = PNDMScheduler.from_config(dict(
         **SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
-        prediction_type=cfg.prediction_type,
-    )
+        clip_sample=False, prediction_type=cfg.prediction_type,
+    ))
     pipe = StableDiffusionPipeline(
         vae=vae.cpu().float(), text_encoder=text_encoder_from_clip(clip.cpu().float()),
         tokenizer=tokenizer, unet=unet.cpu().float(), scheduler=scheduler, safety_checker=None,

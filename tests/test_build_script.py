@@ -25,6 +25,8 @@ def test_smoke_build_then_evaluate(tmp_path):
     for part in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"):
         assert (models / "mini-sd" / part).is_dir(), part
     assert (models / "mini-clip" / "model.safetensors").exists()
+    scheduler_config = (models / "mini-sd" / "scheduler" / "scheduler_config.json").read_text()
+    assert '"clip_sample": false' in scheduler_config
     assert "resumed" not in build.stdout
 
     # a second run finds every stage done and rebuilds nothing

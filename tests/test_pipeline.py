@@ -30,6 +30,15 @@ def test_loads_offline_in_float32_with_sd_classes(mini_pipe):
     assert len(mini_pipe.tokenizer) == 49408
 
 
+def test_schedulers_built_from_its_config_do_not_clip_latents(mini_pipe):
+    # SD 1.5's scheduler config says clip_sample: false; without it DDIM's default (True) clips
+    # the predicted latents to [-1, 1] and the pictures lose their objects
+    from diffusers import DDIMScheduler
+
+    assert mini_pipe.scheduler.config.clip_sample is False
+    assert DDIMScheduler.from_config(mini_pipe.scheduler.config).config.clip_sample is False
+
+
 def test_autopipeline_loads_it_too():
     from diffusers import AutoPipelineForText2Image
 
