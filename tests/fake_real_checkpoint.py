@@ -1,0 +1,163 @@
+"""A fake "real" checkpoint: a tiny RANDOM Stable Diffusion 1.5, in a Hugging Face hub cache.
+
+`build_fake_real_cache(cache_dir)` writes a pipeline with SD 1.5's structure (the classes, the
+4-level UNet with cross-attention in the first three, layers_per_block 2, 8 attention heads,
+epsilon prediction, PNDM with SD's schedule, an 8x VAE, a quick_gelu CLIP text encoder with the
+real CLIP tokenizer, 77 tokens) but tiny channel counts and a size of its own: 16x16 latents,
+128x128 images, hidden size 32. Those differ from the bundled mini model (8x8 latents, 64x64
+images, hidden size 64) and from real SD (64x64, 512x512, 768), so a notebook that hard-codes a
+size instead of reading it from the loaded model's config fails on it.
+
+It is laid out as `huggingface_hub` lays out HF_HUB_CACHE after a download of
+stable-diffusion-v1-5/stable-diffusion-v1-5:
+
+    <cache_dir>/models--stable-diffusion-v1-5--stable-diffusion-v1-5/
+        refs/main                      # the commit hash of the snapshot
+        blobs/<sha256 or git sha1>     # file contents, named by hash (sha256: LFS files)
+        snapshots/<commit>/...         # the repository's files, relative symlinks into blobs/
+
+so with HF_HUB_CACHE=<cache_dir> and HF_HUB_OFFLINE=1, `utils.models.load_pipeline(...,
+model="real")` loads it exactly as it would load the real, cached checkpoint.
+
+Also runnable: `python tests/fake_real_checkpoint.py DIR` writes the cache into DIR and prints
+the environment variables that make the notebooks use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TOKENIZER_SOURCE = ROOT / "models" / "mini-sd" / "tokenizer"
+
+# the fake's sizes, for the tests to compare against what a loader returns
+LATENT_SIDE = 16
+VAE_SCALE_FACTOR = 8
+IMAGE_SIDE = LATENT_SIDE * VAE_SCALE_FACTOR  # 128
+HIDDEN_SIZE = 32
+UNET_CHANNELS = (16, 32, 32, 32)  # tiny: the test checks code paths, not pictures
+VAE_CHANNELS = (8, 16, 32, 32)
+SEED = 0
+
+# Stable Diffusion 1.5's scheduler/scheduler_config.json, key for key (PNDM ignores clip_sample, but
+# DDIM built from this config reads it), with its default prediction type, epsilon, written out
+SD15_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
+    clip_sample=False, prediction_type="epsilon",
+)
+
+
+def repo_folder(cache_dir: str | os.PathLike, repo_id: str = REPO_ID) -> Path:
+    """The folder the hub cache uses for a model repository: models--{org}--{name}."""
+    return Path(cache_dir) / "--".join(["models", *repo_id.split("/")])
+
+
+def build_fake_pipeline():
+    """The tiny random StableDiffusionPipeline (float32, seeded: the same weights every time)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_SOURCE)
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=HIDDEN_SIZE, intermediate_size=4 * HIDDEN_SIZE,
+        projection_dim=HIDDEN_SIZE, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        # SD 1.5's text_encoder/config.json keeps the legacy ids (pooled output at argmax(ids))
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ))
+    torch.manual_seed(SEED + 1)
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIDE, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=UNET_CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=HIDDEN_SIZE, attention_head_dim=8, norm_num_groups=8,
+    )
+    torch.manual_seed(SEED + 2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIDE,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=VAE_CHANNELS, layers_per_block=2, norm_num_groups=8,
+        scaling_factor=0.18215,
+    )
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)  # keeps clip_sample in the config
+    return StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _place_in_cache(files: Path, cache_dir: Path, repo_id: str) -> Path:
+    """Move a saved pipeline folder into the hub cache layout; return the snapshot folder."""
+    paths = sorted(p for p in files.rglob("*") if p.is_file())
+    digests = {}
+    for path in paths:
+        data = path.read_bytes()
+        # the hub names LFS files (weights) by sha256 and the others by their git blob sha1
+        digests[path] = (hashlib.sha256(data).hexdigest() if path.suffix == ".safetensors"
+                         else _git_blob_sha1(data))
+    tree = "".join(f"{p.relative_to(files).as_posix()} {digests[p]}\n" for p in paths)
+    commit = hashlib.sha1(tree.encode()).hexdigest()  # deterministic, 40 hex digits like a commit
+
+    storage = repo_folder(cache_dir, repo_id)
+    snapshot = storage / "snapshots" / commit
+    (storage / "blobs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        blob = storage / "blobs" / digests[path]
+        if not blob.exists():
+            shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(files)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        try:
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        except OSError:  # no symlinks (some Windows setups): the hub then stores copies too
+            shutil.copyfile(blob, link)
+    (storage / "refs" / "main").write_text(commit)  # no trailing newline, as the hub writes it
+    return snapshot
+
+
+def build_fake_real_cache(cache_dir: str | os.PathLike, repo_id: str = REPO_ID) -> Path:
+    """Write the fake SD 1.5 into the hub cache `cache_dir` (created if needed) as `repo_id`.
+
+    Returns the snapshot folder (`<cache_dir>/models--.../snapshots/<commit>`). Weights are
+    safetensors; everything is seeded, so two builds are byte-identical (same commit hash).
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    pipe = build_fake_pipeline()
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        saved = Path(tmp) / "repo"
+        pipe.save_pretrained(saved, safe_serialization=True)
+        # the tokenizer files exactly as the course ships them (the real CLIP tokenizer)
+        shutil.rmtree(saved / "tokenizer")
+        shutil.copytree(TOKENIZER_SOURCE, saved / "tokenizer")
+        return _place_in_cache(saved, cache_dir, repo_id)
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="fake-hf-cache-"))
+    snapshot = build_fake_real_cache(target)
+    print(f"wrote {snapshot}")
+    print(f"use it: COURSE_MODEL=real HF_HUB_OFFLINE=1 HF_HUB_CACHE={target.resolve()} jupyter lab")
