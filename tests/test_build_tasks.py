@@ -1,0 +1,184 @@
+"""scripts/build_mini_tasks.py: the smoke run builds inpainting and depth-to-image pipelines from
+the bundled mini-sd that load with diffusers' own classes, offline, in float32 on the CPU; the
+widened UNets start as the text-to-image UNet; and the pipelines' own handling of bad input."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import MINI_SD, ROOT
+
+pytestmark = pytest.mark.skipif(not (MINI_SD / "model_index.json").exists(),
+                                reason="the bundled models/mini-sd is missing")
+
+
+def _build_tasks():
+    """The build script as a module (its functions are tested directly)."""
+    if "build_mini_tasks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "build_mini_tasks", ROOT / "scripts" / "build_mini_tasks.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["build_mini_tasks"] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules["build_mini_tasks"]
+
+
+def _run(out, work):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run(
+        [sys.executable, "scripts/build_mini_tasks.py", "--smoke", "--out", str(out), "--work", str(work),
+         "--no-save"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke build (every stage, then the evaluation), shared by the tests below."""
+    root = tmp_path_factory.mktemp("tasks")
+    build = _run(root / "models", root / "work")
+    assert build.returncode == 0, build.stderr[-3000:]
+    return root, build.stdout
+
+
+@pytest.fixture(scope="module")
+def inpaint_pipe(smoke):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(smoke[0] / "models" / "mini-sd-inpainting")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def depth_pipe(smoke):
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(smoke[0] / "models" / "mini-sd-depth")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _scene():
+    import random
+
+    from utils.toyworld import render_scene, sample_scene
+
+    return render_scene(sample_scene(random.Random(0), size="large"))
+
+
+def test_smoke_build_runs_every_stage_and_resumes(smoke):
+    root, stdout = smoke
+    for line in ("inpainting UNet (EMA weights) saved", "depth estimator saved",
+                 "depth UNet (EMA weights) saved", "inpainting.psnr_outside",
+                 "inpainting.colour_and_shape", "depth.silhouette_iou", "depth.colour"):
+        assert line in stdout, line
+    assert not (root / "models" / "mini-sd-inpainting" / "metrics.json").exists()  # --no-save
+    again = _run(root / "models", root / "work")  # every stage done: nothing is trained again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "saved" not in again.stdout
+
+
+def test_pipelines_load_offline_in_float32_with_fp16_on_disk(smoke, inpaint_pipe, depth_pipe):
+    from safetensors import safe_open
+
+    models = smoke[0] / "models"
+    assert inpaint_pipe.unet.config.in_channels == 9 and depth_pipe.unet.config.in_channels == 5
+    for pipe in (inpaint_pipe, depth_pipe):
+        assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    assert depth_pipe.depth_estimator.dtype == torch.float32
+    assert type(depth_pipe.depth_estimator).__name__ == "DPTForDepthEstimation"
+    assert depth_pipe.feature_extractor.size == {"height": 64, "width": 64}
+    for weights in list((models / "mini-sd-inpainting").rglob("*.safetensors")) + list(
+            (models / "mini-sd-depth").rglob("*.safetensors")):
+        with safe_open(weights, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, weights
+    assert not list(models.rglob("*.bin")) and not list(models.rglob("*.pt"))
+    # every stage's settings are recorded next to the weights
+    recorded = json.loads((models / "mini-sd-depth" / "build_config.json").read_text())
+    assert set(recorded) == {"depth_estimator", "depth_unet", "assemble"}
+    assert recorded["depth_unet"]["depth_steps"] == 3
+    # shared parts are byte-identical copies of mini-sd's (git stores them once)
+    for part in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        for name in ("mini-sd-inpainting", "mini-sd-depth"):
+            assert (models / name / part).read_bytes() == (MINI_SD / part).read_bytes()
+
+
+def test_pipelines_generate_64px_images(inpaint_pipe, depth_pipe):
+    from utils.seeding import make_generator
+
+    render = _scene()
+    mask = Image.fromarray((render["mask"] >= 0.5).astype(np.uint8) * 255, "L")
+    out = inpaint_pipe("a red circle", image=render["image"], mask_image=mask, num_inference_steps=2,
+                       generator=make_generator(0)).images[0]
+    assert out.size == (64, 64)
+    out = depth_pipe("a red circle", image=render["image"], num_inference_steps=2,
+                     generator=make_generator(0)).images[0]
+    assert out.size == (64, 64)
+    # a depth map given instead of the estimator's, (B, H, W) as the pipeline wants
+    depth = torch.from_numpy(render["depth"])[None]
+    out = depth_pipe("a red circle", image=render["image"], depth_map=depth, num_inference_steps=2,
+                     generator=make_generator(0)).images[0]
+    assert out.size == (64, 64)
+
+
+def test_widened_unet_starts_as_the_text_to_image_unet():
+    from diffusers import UNet2DConditionModel
+
+    tasks = _build_tasks()
+    base = UNet2DConditionModel.from_pretrained(MINI_SD / "unet", torch_dtype=torch.float32).eval()
+    wide = tasks.widen_conv_in(base, 9).eval()
+    assert wide.config.in_channels == 9 and wide.conv_in.weight[:, 4:].abs().sum() == 0
+    latents, extra = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8, 8)
+    t, embeds = torch.tensor([10, 900]), torch.randn(2, 77, base.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(torch.cat([latents, extra], 1), t, embeds).sample,
+                                   base(latents, t, embeds).sample)
+
+
+def test_dpt_processor_normalises_as_training_did():
+    tasks = _build_tasks()
+    image = _scene()["image"]
+    pixels = tasks.dpt_processor()(images=image, return_tensors="pt").pixel_values
+    expected = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    torch.testing.assert_close(pixels, expected)  # = to_model_input in the build script
+
+
+def test_evaluation_metrics_on_known_answers():
+    tasks = _build_tasks()
+    render = _scene()
+    image, coverage = render["image"], render["mask"]
+    assert tasks.psnr_outside(image, image, coverage) > 90
+    assert tasks.silhouette_iou(coverage, image) > 0.9
+    blank = Image.new("RGB", (64, 64), (128, 128, 128))
+    assert tasks.silhouette_iou(coverage, blank) == 0.0
+
+
+def test_pipelines_on_bad_input(inpaint_pipe, depth_pipe):
+    """diffusers' own behaviour, which the course's helpers make explicit (utils.masks, utils.inputs)."""
+    render = _scene()
+    image = render["image"]
+    mask = Image.fromarray((render["mask"] >= 0.5).astype(np.uint8) * 255, "L")
+    kwargs = dict(num_inference_steps=2, output_type="np")
+    # strength outside [0, 1]: both pipelines raise
+    with pytest.raises(ValueError, match="strength should in \\[0.0, 1.0\\]"):
+        inpaint_pipe("a red circle", image=image, mask_image=mask, strength=1.5, **kwargs)
+    with pytest.raises(ValueError, match="strength should in \\[0.0, 1.0\\]"):
+        depth_pipe("a red circle", image=image, strength=-0.1, **kwargs)
+    # height / width not divisible by 8: the inpainting pipeline raises
+    with pytest.raises(ValueError, match="divisible by 8"):
+        inpaint_pipe("a red circle", image=image, mask_image=mask, height=60, width=60, **kwargs)
+    # a mask of another size (or RGB) is silently resized (and turned gray) to the image's size
+    out = inpaint_pipe("a red circle", image=image, mask_image=mask.resize((32, 32)).convert("RGB"),
+                       **kwargs).images
+    assert out.shape == (1, 64, 64, 3)
+    # a depth map of the wrong shape fails deep inside F.interpolate
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError)):
+        depth_pipe("a red circle", image=image, depth_map=torch.from_numpy(render["depth"]), **kwargs)
