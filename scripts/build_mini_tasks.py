@@ -192,6 +192,16 @@ def captions_for(idx, scenes, rng: random.Random, cfg: Config) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- stages
+def v_loss(unet, scheduler, latents, extra, prompt_embeds, gen):
+    """The v-prediction loss at random timesteps, with `extra` (B, k, h, w) concatenated to the
+    noisy latents (B, 4, h, w) as the widened UNet's additional input channels."""
+    noise = torch.randn(latents.shape, generator=gen, device=latents.device)
+    t = torch.randint(0, 1000, (len(latents),), generator=gen, device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = unet(torch.cat([noisy, extra], dim=1), t, prompt_embeds).sample
+    return F.mse_loss(pred.float(), scheduler.get_velocity(latents, noise, t))
+
+
 def stage_inpaint(cfg: Config, out: Path, work: Path, data, device):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -220,12 +230,8 @@ def stage_inpaint(cfg: Config, out: Path, work: Path, data, device):
             both = vae.encode(both).latent_dist.sample(gen) * scaling
             latents, masked_latents = both.chunk(2)  # (B, 4, 8, 8) each
             mask_small = mask_to_latent_size(masks)  # (B, 1, 8, 8), nearest
-        noise = torch.randn(latents.shape, generator=gen, device=device)
-        t = torch.randint(0, 1000, (len(idx),), generator=gen, device=device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        model_input = torch.cat([noisy, mask_small, masked_latents], dim=1)  # (B, 9, 8, 8)
-        pred = unet(model_input, t, prompt_embeds).sample
-        return F.mse_loss(pred.float(), scheduler.get_velocity(latents, noise, t))
+        extra = torch.cat([mask_small, masked_latents], dim=1)  # (B, 5, 8, 8): UNet input 9 channels
+        return v_loss(unet, scheduler, latents, extra, prompt_embeds, gen)
 
     trainer, ema_update, finish = unet_trainer("inpaint_unet", cfg, unet, cfg.inpaint_steps, work, device)
     trainer.run(loss_fn, after_step=ema_update)
@@ -318,11 +324,7 @@ def stage_depth_unet(cfg: Config, out: Path, work: Path, data, device):
                 pixels = to_model_input(images[idx], device)  # = dpt_processor()'s pixel_values
                 depth_map = estimator(pixel_values=pixels).predicted_depth.float()
             depth_small = depth_to_latent_size(depth_map, IMAGE_SIZE, IMAGE_SIZE)  # (B, 1, 8, 8)
-        noise = torch.randn(latents.shape, generator=gen, device=device)
-        t = torch.randint(0, 1000, (len(idx),), generator=gen, device=device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        pred = unet(torch.cat([noisy, depth_small], dim=1), t, prompt_embeds).sample
-        return F.mse_loss(pred.float(), scheduler.get_velocity(latents, noise, t))
+        return v_loss(unet, scheduler, latents, depth_small, prompt_embeds, gen)  # UNet input 5 channels
 
     trainer, ema_update, finish = unet_trainer("depth_unet", cfg, unet, cfg.depth_steps, work, device)
     trainer.run(loss_fn, after_step=ema_update)
