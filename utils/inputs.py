@@ -22,8 +22,9 @@ from .images import check_image_size
 def check_strength(strength: float) -> float:
     """`strength` must be a number in [0, 1]: the fraction of the denoising steps that are run
     (1.0 = start from pure noise, 0.0 = return the input). diffusers raises for values outside
-    [0, 1] too; a strength so small that no step is left (int(steps * strength) == 0) makes the
-    pipelines raise "the number of pipeline steps is 0".
+    [0, 1] too. A strength so small that int(steps * strength) == 0 is accepted: with PNDM (N + 1
+    timesteps) one step at t = 1 still runs; with DDIM the timestep slice is empty and the pipeline
+    fails with "RuntimeError: cannot reshape tensor of 0 elements" (diffusers 0.42.1).
     """
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not np.isfinite(strength):
         raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
@@ -46,7 +47,8 @@ def image_size(image) -> tuple[int, int]:
 def check_image(image) -> tuple[int, int]:
     """Raise unless the image's sides are multiples of 8; return (height, width).
 
-    (diffusers' image processor would silently crop a 70x70 image to 64x64.)
+    (diffusers' image processor would silently resize a 70x70 image to 64x64: Lanczos, aspect
+    ratio not kept; not a crop.)
     """
     height, width = image_size(image)
     check_image_size(int(height), int(width))
