@@ -179,6 +179,17 @@ def unet_trainer(name, cfg, unet, steps, work, device):
     return trainer, ema_update, finish
 
 
+def train_unet(name, cfg, unet, steps, work, device, loss_fn, target: Path, stage: str, label: str):
+    """Train `unet` on `loss_fn` (resumable, with an EMA of the weights), save the EMA weights to
+    `target` and record the stage's settings; returns the UNet holding the EMA weights."""
+    trainer, ema_update, finish = unet_trainer(name, cfg, unet, steps, work, device)
+    trainer.run(loss_fn, after_step=ema_update)
+    finish().save_pretrained(target)
+    record(target.parent, stage, cfg)
+    log(f"{label} UNet (EMA weights) saved to {target}")
+    return unet
+
+
 def encode_prompts(tokenizer, text_encoder, captions, device):
     tokens = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
                        return_tensors="pt").input_ids.to(device)
@@ -233,12 +244,8 @@ def stage_inpaint(cfg: Config, out: Path, work: Path, data, device):
         extra = torch.cat([mask_small, masked_latents], dim=1)  # (B, 5, 8, 8): UNet input 9 channels
         return v_loss(unet, scheduler, latents, extra, prompt_embeds, gen)
 
-    trainer, ema_update, finish = unet_trainer("inpaint_unet", cfg, unet, cfg.inpaint_steps, work, device)
-    trainer.run(loss_fn, after_step=ema_update)
-    finish().save_pretrained(target)
-    record(target.parent, "inpaint", cfg)
-    log(f"inpainting UNet (EMA weights) saved to {target}")
-    return unet
+    return train_unet("inpaint_unet", cfg, unet, cfg.inpaint_steps, work, device, loss_fn, target, "inpaint",
+                      "inpainting")
 
 
 def dpt_model():
@@ -326,12 +333,8 @@ def stage_depth_unet(cfg: Config, out: Path, work: Path, data, device):
             depth_small = depth_to_latent_size(depth_map, IMAGE_SIZE, IMAGE_SIZE)  # (B, 1, 8, 8)
         return v_loss(unet, scheduler, latents, depth_small, prompt_embeds, gen)  # UNet input 5 channels
 
-    trainer, ema_update, finish = unet_trainer("depth_unet", cfg, unet, cfg.depth_steps, work, device)
-    trainer.run(loss_fn, after_step=ema_update)
-    finish().save_pretrained(target)
-    record(target.parent, "depth_unet", cfg)
-    log(f"depth UNet (EMA weights) saved to {target}")
-    return unet
+    return train_unet("depth_unet", cfg, unet, cfg.depth_steps, work, device, loss_fn, target, "depth_unet",
+                      "depth")
 
 
 def record(folder: Path, stage: str, cfg: Config) -> None:
