@@ -120,11 +120,12 @@ def to_model_input(images_uint8: np.ndarray, device) -> torch.Tensor:
 class Trainer:
     """One resumable training loop: model + AdamW + checkpoint every few steps."""
 
-    def __init__(self, name, model, cfg_steps, lr, work: Path, device, every: int):
+    def __init__(self, name, model, cfg_steps, lr, work: Path, device, every: int, param_groups=None):
+        """`param_groups`: optional AdamW groups, each may carry an "lr_mult" (times the schedule's
+        learning rate); default one group of every trainable parameter."""
         self.name, self.model, self.total, self.base_lr = name, model, cfg_steps, lr
-        self.opt = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2
-        )
+        groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        self.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2)
         self.ckpt = work / f"{name}_checkpoint.pt"
         self.device, self.every, self.step, self.extra = device, every, 0, {}
         if self.ckpt.exists():
@@ -146,7 +147,7 @@ class Trainer:
         smooth = None
         while self.step < self.total:
             for group in self.opt.param_groups:
-                group["lr"] = lr_at(self.step, self.total, self.base_lr)
+                group["lr"] = lr_at(self.step, self.total, self.base_lr) * group.get("lr_mult", 1.0)
             with autocast:
                 loss = loss_fn(self.step)
             self.opt.zero_grad(set_to_none=True)

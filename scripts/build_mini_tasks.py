@@ -56,13 +56,20 @@ from build_mini_sd import (  # noqa: E402
     SD_SCHEDULE,
     Trainer,
     log,
-    random_caption,
     to_model_input,
 )
 
 from utils.inputs import depth_to_latent_size  # noqa: E402
 from utils.masks import mask_to_latent_size, masked_image, object_mask, random_mask  # noqa: E402
-from utils.toyworld import BACKGROUNDS, COLOURS, SHAPES, grammar_prompts, make_scenes, render_scene  # noqa: E402
+from utils.toyworld import (  # noqa: E402
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    caption_for,
+    grammar_prompts,
+    make_scenes,
+    render_scene,
+)
 
 STAGES = ("inpaint", "depth_estimator", "depth_unet", "assemble", "evaluate")
 INPAINT_DIR, DEPTH_DIR = "mini-sd-inpainting", "mini-sd-depth"
@@ -83,10 +90,13 @@ class Config:
     depth_steps: int = 1_500
     depth_batch: int = 64
     unet_lr: float = 2e-4
+    conv_in_lr_mult: float = 5.0  # conv_in (which holds the new, zero-initialised channels) learns faster
+    unet_init: str = ""  # a widened UNet folder to continue from instead of widening the base's UNet
     dpt_steps: int = 1_500
     dpt_batch: int = 64
     dpt_lr: float = 2e-3
     depth_from_estimator: float = 0.5  # share of depth-UNet batches whose depth is DPT's prediction
+    depth_layout_mention: float = 0.25  # depth captions name size / position this often (the map has them)
     caption_dropout: float = 0.1
     mention_prob: float = 0.75
     ema_decay: float = 0.999
@@ -159,7 +169,10 @@ def widen_conv_in(unet, in_channels: int):
 def unet_trainer(name, cfg, unet, steps, work, device):
     """A Trainer with an EMA of the weights kept in its checkpoint."""
     unet = unet.to(device).train()
-    trainer = Trainer(name, unet, steps, cfg.unet_lr, work, device, cfg.checkpoint_every)
+    conv_in = [p for n, p in unet.named_parameters() if n.startswith("conv_in.")]
+    rest = [p for n, p in unet.named_parameters() if not n.startswith("conv_in.")]
+    groups = [{"params": rest}, {"params": conv_in, "lr_mult": cfg.conv_in_lr_mult}]
+    trainer = Trainer(name, unet, steps, cfg.unet_lr, work, device, cfg.checkpoint_every, groups)
     ema = [e.to(device) for e in trainer.extra["ema"]] if "ema" in trainer.extra else [
         p.detach().clone() for p in unet.parameters()]
     trainer.extra["ema"] = ema
@@ -196,10 +209,33 @@ def encode_prompts(tokenizer, text_encoder, captions, device):
     return text_encoder(tokens)[0]
 
 
-def captions_for(idx, scenes, rng: random.Random, cfg: Config) -> list[str]:
-    """The scenes' captions (random mentions, as mini-sd was trained), 10% dropped for CFG."""
-    return ["" if rng.random() < cfg.caption_dropout else random_caption(scenes[i], rng, cfg.mention_prob)
-            for i in idx]
+def captions_for(idx, scenes, rng: random.Random, cfg: Config, layout_mention: float | None = None) -> list[str]:
+    """The scenes' captions (random mentions, as mini-sd was trained), 10% dropped for CFG.
+    `layout_mention`: another probability for mentioning size and position (default mention_prob)."""
+    captions = []
+    for i in idx:
+        if rng.random() < cfg.caption_dropout:
+            captions.append("")
+            continue
+        p = cfg.mention_prob if layout_mention is None else layout_mention
+        size, colour, position, background = (rng.random() < q for q in (p, cfg.mention_prob, p, cfg.mention_prob))
+        captions.append(caption_for(replace(scenes[i], mention=(size, colour, position, background))))
+    return captions
+
+
+def initial_unet(cfg: Config, base_unet, in_channels: int):
+    """The UNet a stage starts from: `cfg.unet_init` if given (an earlier run's widened UNet), else
+    the base's UNet widened with zero-initialised input channels."""
+    if not cfg.unet_init:
+        return widen_conv_in(base_unet, in_channels)
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(cfg.unet_init, torch_dtype=torch.float32)
+    if unet.config.in_channels != in_channels:
+        raise ValueError(f"--unet-init {cfg.unet_init} has {unet.config.in_channels} input channels, "
+                         f"this stage needs {in_channels}")
+    log(f"starting from the UNet in {cfg.unet_init}")
+    return unet
 
 
 # ----------------------------------------------------------------------------- stages
@@ -222,7 +258,7 @@ def stage_inpaint(cfg: Config, out: Path, work: Path, data, device):
     scenes, images, coverage, _ = data
     tokenizer, text_encoder, vae, base_unet = load_base(cfg, device)
     torch.manual_seed(cfg.seed)
-    unet = widen_conv_in(base_unet, 9)
+    unet = initial_unet(cfg, base_unet, 9)
     scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
     scaling = vae.config.scaling_factor
     rng, np_rng = random.Random(cfg.seed + 10), np.random.default_rng(cfg.seed + 10)
@@ -315,7 +351,7 @@ def stage_depth_unet(cfg: Config, out: Path, work: Path, data, device):
         estimator = estimator.to(device).eval().requires_grad_(False)
     tokenizer, text_encoder, vae, base_unet = load_base(cfg, device)
     torch.manual_seed(cfg.seed)
-    unet = widen_conv_in(base_unet, 5)
+    unet = initial_unet(cfg, base_unet, 5)
     scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
     scaling = vae.config.scaling_factor
     rng = random.Random(cfg.seed + 30)
@@ -324,7 +360,8 @@ def stage_depth_unet(cfg: Config, out: Path, work: Path, data, device):
     def loss_fn(step):
         idx = [rng.randrange(len(images)) for _ in range(cfg.depth_batch)]
         with torch.no_grad():
-            prompt_embeds = encode_prompts(tokenizer, text_encoder, captions_for(idx, scenes, rng, cfg), device)
+            captions = captions_for(idx, scenes, rng, cfg, cfg.depth_layout_mention)
+            prompt_embeds = encode_prompts(tokenizer, text_encoder, captions, device)
             latents = vae.encode(to_model_input(images[idx], device)).latent_dist.sample(gen) * scaling
             depth_map = torch.from_numpy(depth[idx].astype(np.float32)).to(device)  # (B, 64, 64)
             if estimator is not None and rng.random() < cfg.depth_from_estimator:

@@ -182,3 +182,41 @@ def test_pipelines_on_bad_input(inpaint_pipe, depth_pipe):
     # a depth map of the wrong shape fails deep inside F.interpolate
     with pytest.raises((ValueError, RuntimeError, NotImplementedError)):
         depth_pipe("a red circle", image=image, depth_map=torch.from_numpy(render["depth"]), **kwargs)
+
+
+def test_depth_captions_can_leave_the_layout_to_the_depth_map():
+    """captions_for(..., layout_mention=0) never names size or position (the depth map carries the
+    layout), still names colours and backgrounds, and drops about caption_dropout of the captions."""
+    import random
+
+    from utils.toyworld import POSITIONS, make_scenes
+
+    tasks = _build_tasks()
+    cfg = tasks.Config(mention_prob=1.0)
+    scenes = make_scenes(400, 5)
+    captions = tasks.captions_for(range(400), scenes, random.Random(0), cfg, layout_mention=0.0)
+    kept = [c for c in captions if c]
+    assert 0.05 < 1 - len(kept) / len(captions) < 0.15
+    for caption, scene in zip(captions, scenes):
+        if caption:
+            assert scene.colour in caption and scene.background in caption, caption
+            assert not any(word in caption.split() for word in ("small", "large")), caption
+            assert not any(phrase in caption for phrase in POSITIONS), caption
+    full = tasks.captions_for(range(400), scenes, random.Random(0), cfg)
+    assert sum(any(p in c for p in POSITIONS) for c in full) > 300
+
+
+def test_conv_in_gets_its_own_learning_rate(tmp_path):
+    """The widened conv_in (the new, zero-initialised channels) trains at conv_in_lr_mult times the
+    rest's learning rate."""
+    from diffusers import UNet2DConditionModel
+
+    tasks = _build_tasks()
+    unet = tasks.widen_conv_in(UNet2DConditionModel.from_pretrained(MINI_SD / "unet"), 5)
+    cfg = tasks.Config(conv_in_lr_mult=5.0, unet_lr=1e-3)
+    trainer, _, _ = tasks.unet_trainer("t", cfg, unet, 10, tmp_path, torch.device("cpu"))
+    trainer.total = 1
+    trainer.run(lambda step: sum(p.sum() for p in unet.parameters()) * 0.0)
+    rest, conv_in = trainer.opt.param_groups
+    assert [id(p) for p in conv_in["params"]] == [id(unet.conv_in.weight), id(unet.conv_in.bias)]
+    assert conv_in["lr"] == pytest.approx(5 * rest["lr"]) and rest["lr"] > 0
