@@ -59,21 +59,17 @@ from build_mini_sd import (  # noqa: E402
     to_model_input,
 )
 
+from utils.evaluation import depth_cases, inpainting_cases, psnr_outside, silhouette_iou  # noqa: E402
 from utils.inputs import depth_to_latent_size  # noqa: E402
-from utils.masks import mask_to_latent_size, masked_image, object_mask, random_mask  # noqa: E402
+from utils.masks import mask_to_latent_size, masked_image, random_mask  # noqa: E402
 from utils.toyworld import (  # noqa: E402
-    BACKGROUNDS,
-    COLOURS,
-    SHAPES,
     caption_for,
-    grammar_prompts,
     make_scenes,
     render_scene,
 )
 
 STAGES = ("inpaint", "depth_estimator", "depth_unet", "assemble", "evaluate")
 INPAINT_DIR, DEPTH_DIR = "mini-sd-inpainting", "mini-sd-depth"
-EVAL_SEED = 2_000_003  # scenes from this seed were never rendered for training
 TARGETS = {
     "inpainting.psnr_outside": 30.0, "inpainting.colour_and_shape": 0.85,
     "depth.silhouette_iou": 0.8, "depth.colour": 0.90,
@@ -452,72 +448,6 @@ def stage_assemble(cfg: Config, out: Path, device):
 
 
 # ----------------------------------------------------------------------------- evaluation
-def object_region(image) -> np.ndarray:
-    """The object as the judge finds it (far from the image's median colour, largest connected
-    blob), with the edge put half-way between background and object colour, where a rendered
-    scene's coverage is 0.5. Boolean (H, W)."""
-    from utils.judge import OBJECT_THRESHOLD, _largest_component
-
-    pixels = np.asarray(image.convert("RGB"), np.float32)
-    bg = np.median(pixels.reshape(-1, 3), axis=0)
-    distance = np.linalg.norm(pixels - bg, axis=2)
-    core = _largest_component(distance > OBJECT_THRESHOLD)
-    if not core.any():
-        return core
-    contrast = np.linalg.norm(np.median(pixels[core], axis=0) - bg)
-    return _largest_component(distance > 0.5 * contrast)
-
-
-def psnr_outside(original, result, mask) -> float:
-    """PSNR (dB, on 0-255) of `result` against `original` over the kept pixels (mask < 0.5)."""
-    a = np.asarray(original.convert("RGB"), np.float64)
-    b = np.asarray(result.convert("RGB"), np.float64)
-    keep = np.asarray(mask) < 0.5
-    mse = np.mean((a[keep] - b[keep]) ** 2) if keep.any() else 0.0
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
-def silhouette_iou(input_coverage, result) -> float:
-    """IoU of the input's object (coverage >= 0.5) and the judge's object in the result."""
-    a = np.asarray(input_coverage) >= 0.5
-    b = object_region(result)
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
-
-
-def _other(rng: random.Random, options, *avoid):
-    return rng.choice([o for o in options if o not in avoid])
-
-
-def inpainting_cases(n: int, seed: int = EVAL_SEED):
-    """n cases (image, mask, prompt, wanted scene): replace a scene's object by another shape in
-    another colour at the same place; the mask covers both objects, dilated by 2 pixels."""
-    rng = random.Random(seed)
-    cases = []
-    for scene in grammar_prompts(n, seed):
-        colour = _other(rng, COLOURS, scene.colour, scene.background)
-        new = replace(scene, shape=_other(rng, SHAPES, scene.shape), colour=colour, rgb=COLOURS[colour])
-        old, wanted = render_scene(scene), render_scene(new)
-        mask = object_mask(np.maximum(old["mask"], wanted["mask"]), 2)
-        cases.append((old["image"], mask, new.caption, new))
-    return cases
-
-
-def depth_cases(n: int, seed: int = EVAL_SEED + 1):
-    """n cases (image, object coverage, prompt, wanted scene): the same shape in a new colour on a
-    new background; the prompt names all five attributes."""
-    rng = random.Random(seed)
-    cases = []
-    for scene in grammar_prompts(n, seed):
-        colour = _other(rng, COLOURS, scene.colour, scene.background)
-        background = _other(rng, BACKGROUNDS, colour, scene.background)
-        new = replace(scene, colour=colour, rgb=COLOURS[colour], background=background,
-                      background_rgb=BACKGROUNDS[background])
-        render = render_scene(scene)
-        cases.append((render["image"], render["mask"], new.caption, new))
-    return cases
-
-
 @torch.no_grad()
 def evaluate_inpainting(pipe, n: int, steps: int = 25, guidance: float = 7.5, batch: int = 25) -> dict:
     from PIL import Image

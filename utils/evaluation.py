@@ -7,15 +7,20 @@
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from .images import latents_to_pil, pil_to_latents
-from .judge import ATTRIBUTES, judge_image, score
+from .judge import ATTRIBUTES, OBJECT_THRESHOLD, _largest_component, judge_image, score
+from .masks import object_mask
 from .seeding import make_generator
-from .toyworld import COLOURS, POSITIONS, SHAPES, Scene, render_scene
+from .toyworld import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, grammar_prompts, render_scene
+
+EVAL_SEED = 2_000_003  # the inpainting and depth evaluation scenes (never rendered for training)
 
 
 def _rates(hits: dict[str, list[bool]]) -> dict[str, float]:
@@ -104,3 +109,68 @@ def clip_zero_shot(model, processor, scenes: list[Scene]) -> dict:
             hits["colour"].append(colour == scene.colour)
             hits["shape"].append(shape == scene.shape)
     return {"n": len(scenes), **_rates(hits)}
+
+
+# ----------------------------------------------------------------------------- inpainting and depth
+def object_region(image) -> np.ndarray:
+    """The object as the judge finds it (far from the image's median colour, largest connected
+    blob), with the edge put half-way between background and object colour, where a rendered
+    scene's coverage is 0.5. Boolean (H, W)."""
+    pixels = np.asarray(image.convert("RGB"), np.float32)
+    bg = np.median(pixels.reshape(-1, 3), axis=0)
+    distance = np.linalg.norm(pixels - bg, axis=2)
+    core = _largest_component(distance > OBJECT_THRESHOLD)
+    if not core.any():
+        return core
+    contrast = np.linalg.norm(np.median(pixels[core], axis=0) - bg)
+    return _largest_component(distance > 0.5 * contrast)
+
+
+def psnr_outside(original, result, mask) -> float:
+    """PSNR (dB, on 0-255) of `result` against `original` over the kept pixels (mask < 0.5)."""
+    a = np.asarray(original.convert("RGB"), np.float64)
+    b = np.asarray(result.convert("RGB"), np.float64)
+    keep = np.asarray(mask) < 0.5
+    mse = np.mean((a[keep] - b[keep]) ** 2) if keep.any() else 0.0
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def silhouette_iou(input_coverage, result) -> float:
+    """IoU of the input's object (coverage >= 0.5) and the judge's object in the result."""
+    a = np.asarray(input_coverage) >= 0.5
+    b = object_region(result)
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def _other(rng: random.Random, options, *avoid):
+    return rng.choice([o for o in options if o not in avoid])
+
+
+def inpainting_cases(n: int, seed: int = EVAL_SEED):
+    """n cases (image, mask, prompt, wanted scene): replace a scene's object by another shape in
+    another colour at the same place; the mask covers both objects, dilated by 2 pixels."""
+    rng = random.Random(seed)
+    cases = []
+    for scene in grammar_prompts(n, seed):
+        colour = _other(rng, COLOURS, scene.colour, scene.background)
+        new = replace(scene, shape=_other(rng, SHAPES, scene.shape), colour=colour, rgb=COLOURS[colour])
+        old, wanted = render_scene(scene), render_scene(new)
+        mask = object_mask(np.maximum(old["mask"], wanted["mask"]), 2)
+        cases.append((old["image"], mask, new.caption, new))
+    return cases
+
+
+def depth_cases(n: int, seed: int = EVAL_SEED + 1):
+    """n cases (image, object coverage, prompt, wanted scene): the same shape in a new colour on a
+    new background; the prompt names all five attributes."""
+    rng = random.Random(seed)
+    cases = []
+    for scene in grammar_prompts(n, seed):
+        colour = _other(rng, COLOURS, scene.colour, scene.background)
+        background = _other(rng, BACKGROUNDS, colour, scene.background)
+        new = replace(scene, colour=colour, rgb=COLOURS[colour], background=background,
+                      background_rgb=BACKGROUNDS[background])
+        render = render_scene(scene)
+        cases.append((render["image"], render["mask"], new.caption, new))
+    return cases
