@@ -19,6 +19,16 @@ stable-diffusion-v1-5/stable-diffusion-v1-5:
 so with HF_HUB_CACHE=<cache_dir> and HF_HUB_OFFLINE=1, `utils.models.load_pipeline(...,
 model="real")` loads it exactly as it would load the real, cached checkpoint.
 
+The same cache also holds fakes of the other two real checkpoints in the registry, made the same
+way (tiny, random, sizes of their own):
+
+- INPAINT_REPO_ID (SD 1.5 inpainting): the SD 1.5 fake with a 9-channel UNet (4 latents + 1 mask +
+  4 masked-image latents) and a DDIM scheduler, as the hub's model_index.json lists;
+- DEPTH_REPO_ID (SD 2 depth): a 5-channel UNet (latents + depth) with SD 2's linear projections in
+  its attention, a gelu text encoder of another hidden size, PNDM with epsilon prediction, and a
+  tiny non-hybrid DPTForDepthEstimation with a DPTImageProcessor at DEPTH_INPUT_SIDE (neither the
+  image size nor the latent size, as real SD 2 depth's 384-px MiDaS input is neither).
+
 Also runnable: `python tests/fake_real_checkpoint.py DIR` writes the cache into DIR and prints
 the environment variables that make the notebooks use it.
 """
@@ -34,6 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+INPAINT_REPO_ID = "stable-diffusion-v1-5/stable-diffusion-inpainting"
+DEPTH_REPO_ID = "sd2-community/stable-diffusion-2-depth"
 TOKENIZER_SOURCE = ROOT / "models" / "mini-sd" / "tokenizer"
 
 # the fake's sizes, for the tests to compare against what a loader returns
@@ -43,6 +55,8 @@ IMAGE_SIDE = LATENT_SIDE * VAE_SCALE_FACTOR  # 128
 HIDDEN_SIZE = 32
 UNET_CHANNELS = (16, 32, 32, 32)  # tiny: the test checks code paths, not pictures
 VAE_CHANNELS = (8, 16, 32, 32)
+DEPTH_HIDDEN_SIZE = 48  # SD 2's OpenCLIP text encoder is wider than SD 1.5's (1024 vs 768)
+DEPTH_INPUT_SIDE = 96  # the fake DPT's input and output side
 SEED = 0
 
 # Stable Diffusion 1.5's scheduler/scheduler_config.json, key for key (PNDM ignores clip_sample, but
@@ -59,47 +73,88 @@ def repo_folder(cache_dir: str | os.PathLike, repo_id: str = REPO_ID) -> Path:
     return Path(cache_dir) / "--".join(["models", *repo_id.split("/")])
 
 
-def build_fake_pipeline():
-    """The tiny random StableDiffusionPipeline (float32, seeded: the same weights every time)."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _text_encoder(hidden_size: int, hidden_act: str):
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_SOURCE)
-    torch.manual_seed(SEED)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=HIDDEN_SIZE, intermediate_size=4 * HIDDEN_SIZE,
-        projection_dim=HIDDEN_SIZE, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        projection_dim=hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act=hidden_act, layer_norm_eps=1e-5,
         # SD 1.5's text_encoder/config.json keeps the legacy ids (pooled output at argmax(ids))
         bos_token_id=0, eos_token_id=2, pad_token_id=1,
     ))
-    torch.manual_seed(SEED + 1)
-    unet = UNet2DConditionModel(
-        sample_size=LATENT_SIDE, in_channels=4, out_channels=4, layers_per_block=2,
+
+
+def _unet(in_channels: int, cross_attention_dim: int, **extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIDE, in_channels=in_channels, out_channels=4, layers_per_block=2,
         block_out_channels=UNET_CHANNELS,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=HIDDEN_SIZE, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=8, **extra,
     )
-    torch.manual_seed(SEED + 2)
-    vae = AutoencoderKL(
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIDE,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=VAE_CHANNELS, layers_per_block=2, norm_num_groups=8,
         scaling_factor=0.18215,
     )
-    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)  # keeps clip_sample in the config
-    return StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+
+
+def build_fake_pipeline(repo_id: str = REPO_ID):
+    """The tiny random pipeline standing in for `repo_id` (float32, seeded: the same weights
+    every time): StableDiffusionPipeline, StableDiffusionInpaintPipeline or
+    StableDiffusionDepth2ImgPipeline."""
+    import torch
+    from diffusers import (
+        DDIMScheduler,
+        PNDMScheduler,
+        StableDiffusionDepth2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
     )
+    from transformers import CLIPTokenizer, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    if repo_id not in (REPO_ID, INPAINT_REPO_ID, DEPTH_REPO_ID):
+        raise ValueError(f"no fake for {repo_id!r}")
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_SOURCE)
+    depth = repo_id == DEPTH_REPO_ID
+    torch.manual_seed(SEED)
+    text_encoder = _text_encoder(DEPTH_HIDDEN_SIZE, "gelu") if depth else _text_encoder(HIDDEN_SIZE, "quick_gelu")
+    torch.manual_seed(SEED + 1)
+    if depth:  # SD 2: linear projections in the transformer blocks, heads per level
+        unet = _unet(5, DEPTH_HIDDEN_SIZE, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True)
+    else:
+        unet = _unet(9 if repo_id == INPAINT_REPO_ID else 4, HIDDEN_SIZE, attention_head_dim=8)
+    torch.manual_seed(SEED + 2)
+    vae = _vae()
+    parts = dict(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval())
+    if repo_id == REPO_ID:
+        scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)  # keeps clip_sample in the config
+        return StableDiffusionPipeline(**parts, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    if repo_id == INPAINT_REPO_ID:
+        scheduler = DDIMScheduler.from_config(SD15_SCHEDULER)
+        return StableDiffusionInpaintPipeline(**parts, scheduler=scheduler, safety_checker=None,
+                                              feature_extractor=None, requires_safety_checker=False)
+    torch.manual_seed(SEED + 3)
+    estimator = DPTForDepthEstimation(DPTConfig(
+        image_size=DEPTH_INPUT_SIDE, patch_size=16, hidden_size=32, num_hidden_layers=4,
+        num_attention_heads=4, intermediate_size=64, is_hybrid=False,
+        backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 32, 64, 64],
+        reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=32,
+    ))
+    processor = DPTImageProcessor(size={"height": DEPTH_INPUT_SIDE, "width": DEPTH_INPUT_SIDE},
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return StableDiffusionDepth2ImgPipeline(**parts, scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+                                            depth_estimator=estimator.eval(), feature_extractor=processor)
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -138,15 +193,21 @@ def _place_in_cache(files: Path, cache_dir: Path, repo_id: str) -> Path:
     return snapshot
 
 
-def build_fake_real_cache(cache_dir: str | os.PathLike, repo_id: str = REPO_ID) -> Path:
-    """Write the fake SD 1.5 into the hub cache `cache_dir` (created if needed) as `repo_id`.
+def build_fake_real_cache(cache_dir: str | os.PathLike, repo_ids=(REPO_ID, INPAINT_REPO_ID, DEPTH_REPO_ID)) -> Path:
+    """Write the fakes of `repo_ids` into the hub cache `cache_dir` (created if needed).
 
-    Returns the snapshot folder (`<cache_dir>/models--.../snapshots/<commit>`). Weights are
-    safetensors; everything is seeded, so two builds are byte-identical (same commit hash).
+    Returns the snapshot folder of the first (`<cache_dir>/models--.../snapshots/<commit>`).
+    Weights are safetensors; everything is seeded, so two builds are byte-identical (same commit).
     """
-    cache_dir = Path(cache_dir)
+    if isinstance(repo_ids, str):
+        repo_ids = (repo_ids,)
+    snapshots = [_build_one(Path(cache_dir), repo_id) for repo_id in repo_ids]
+    return snapshots[0]
+
+
+def _build_one(cache_dir: Path, repo_id: str) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    pipe = build_fake_pipeline()
+    pipe = build_fake_pipeline(repo_id)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         saved = Path(tmp) / "repo"
         pipe.save_pretrained(saved, safe_serialization=True)

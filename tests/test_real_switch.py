@@ -2,7 +2,8 @@
 
 A tiny random pipeline with Stable Diffusion 1.5's structure but sizes of its own (16x16 latents,
 128x128 images; see tests/fake_real_checkpoint.py) is written into a temporary Hugging Face cache
-as stable-diffusion-v1-5/stable-diffusion-v1-5. Offline, `load_pipeline(..., model="real")` falls
+as stable-diffusion-v1-5/stable-diffusion-v1-5, with fakes of the registry's inpainting and
+depth-to-image checkpoints beside it. Offline, `load_pipeline(..., model="real")` falls
 back to that cache, so:
 
 - `test_real_switch_loads_from_the_hub_cache`: the loader returns the fake, at the fake's sizes;
@@ -81,8 +82,23 @@ LOAD_SCRIPT = textwrap.dedent("""
     from utils import make_generator
 
     t2i = load_pipeline("text-to-image", model="real")
-    report["image_size"] = list(t2i("a red star", num_inference_steps=2,
-                                    generator=make_generator(0)).images[0].size)
+    image = t2i("a red star", num_inference_steps=2, generator=make_generator(0)).images[0]
+    report["image_size"] = list(image.size)
+    from PIL import Image
+
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (0, 0, image.size[0] // 2, image.size[1] // 2))
+    for task in ("inpainting", "depth-to-image"):
+        pipe = load_pipeline(task)  # COURSE_MODEL=real
+        extra = dict(mask_image=mask) if task == "inpainting" else dict(strength=0.5)
+        out = pipe("a red star", image=image, num_inference_steps=2, generator=make_generator(0), **extra)
+        report[task] = dict(
+            pipeline=type(pipe).__name__, name_or_path=str(pipe.config._name_or_path),
+            in_channels=pipe.unet.config.in_channels, scheduler=type(pipe.scheduler).__name__,
+            hidden_size=pipe.text_encoder.config.hidden_size,
+            depth_estimator=type(getattr(pipe, "depth_estimator", None)).__name__,
+            image_size=list(out.images[0].size),
+        )
     print("REPORT" + json.dumps(report))
 """)
 
@@ -114,6 +130,15 @@ def test_real_switch_loads_from_the_hub_cache(fake_cache):
         assert got["dtype"] == "torch.float32"  # the CPU default
         assert got["vocabulary"] == 49408
     assert report["image_size"] == [fake.IMAGE_SIDE, fake.IMAGE_SIDE]
+    inpainting, depth = report["inpainting"], report["depth-to-image"]
+    assert (inpainting["pipeline"], inpainting["name_or_path"]) == ("StableDiffusionInpaintPipeline",
+                                                                    fake.INPAINT_REPO_ID)
+    assert (inpainting["in_channels"], inpainting["scheduler"]) == (9, "DDIMScheduler")
+    assert (depth["pipeline"], depth["name_or_path"]) == ("StableDiffusionDepth2ImgPipeline", fake.DEPTH_REPO_ID)
+    assert (depth["in_channels"], depth["depth_estimator"]) == (5, "DPTForDepthEstimation")
+    assert depth["hidden_size"] == fake.DEPTH_HIDDEN_SIZE
+    for got in (inpainting, depth):
+        assert got["image_size"] == [fake.IMAGE_SIDE, fake.IMAGE_SIDE]
 
 
 def test_real_checkpoint_missing_offline_is_a_clear_error(tmp_path):
@@ -200,13 +225,13 @@ def test_notebook_runs_on_the_real_switch(notebook, fake_cache):
             f"{notebook.name} changed on disk while the test ran it"
 
     # the switch took: no pipeline the notebook holds is a bundled mini model, and those from
-    # stable-diffusion-v1-5 are the fake (its 16x16 latents)
+    # the hub are the fakes (their 16x16 latents)
     probe = _probe(nb)
     assert probe["course_model"] == "real", probe
     bundled = {k: v["source"] for k, v in probe["pipelines"].items() if v["bundled"]}
     assert not bundled, f"{notebook.name} kept bundled models under COURSE_MODEL=real: {bundled}"
     assert all(v["latent_side"] == fake.LATENT_SIDE for v in probe["pipelines"].values()
-               if v["source"] == fake.REPO_ID), probe
+               if v["source"] in (fake.REPO_ID, fake.INPAINT_REPO_ID, fake.DEPTH_REPO_ID)), probe
 
     # expected on a real model: toy-world-only sections say they were skipped; shown with -rA
     skipped = [line for cell in nb.cells if cell.cell_type == "code"
