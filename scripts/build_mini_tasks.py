@@ -374,7 +374,11 @@ def record(folder: Path, stage: str, cfg: Config) -> None:
     """Add a stage's settings to <folder>/build_config.json (stages may run with different flags)."""
     path = folder / "build_config.json"
     done = json.loads(path.read_text()) if path.exists() else {}
-    done[stage] = asdict(cfg)
+    settings = asdict(cfg)
+    for key in ("base", "unet_init"):  # paths inside the repository are recorded relative to it
+        if settings[key] and Path(settings[key]).resolve().is_relative_to(ROOT):
+            settings[key] = Path(settings[key]).resolve().relative_to(ROOT).as_posix()
+    done[stage] = settings
     path.write_text(json.dumps(done, indent=2) + "\n")
 
 
