@@ -42,6 +42,11 @@ class ModelEntry:
         return self.kind == "mini"
 
     @property
+    def build_script(self) -> str:
+        """The script in scripts/ that builds this bundled model."""
+        return "build_mini_sd.py" if self.source == "mini-sd" else "build_mini_tasks.py"
+
+    @property
     def path(self) -> Path | str:
         return MODELS_DIR / self.source if self.bundled else self.source
 
@@ -60,10 +65,16 @@ REGISTRY: dict[str, dict[str, ModelEntry]] = {
                            "StableDiffusionImg2ImgPipeline", "Stable Diffusion 1.5"),
     },
     "inpainting": {
+        "mini": ModelEntry("inpainting", "mini", "mini-sd-inpainting", "StableDiffusionInpaintPipeline",
+                           "bundled mini SD inpainting (9-channel UNet, 64x64 images); "
+                           "built by scripts/build_mini_tasks.py"),
         "real": ModelEntry("inpainting", "real", "stable-diffusion-v1-5/stable-diffusion-inpainting",
                            "StableDiffusionInpaintPipeline", "SD 1.5 inpainting (9-channel UNet)"),
     },
     "depth-to-image": {
+        "mini": ModelEntry("depth-to-image", "mini", "mini-sd-depth", "StableDiffusionDepth2ImgPipeline",
+                           "bundled mini SD depth-to-image (5-channel UNet + tiny DPT, 64x64 images); "
+                           "built by scripts/build_mini_tasks.py"),
         "real": ModelEntry("depth-to-image", "real", "sd2-community/stable-diffusion-2-depth",
                            "StableDiffusionDepth2ImgPipeline", "SD 2 depth (5-channel UNet)"),
     },
@@ -150,7 +161,7 @@ def load_pipeline(
         if not (entry.path / "model_index.json").exists():
             raise FileNotFoundError(
                 f"the bundled model is missing at {entry.path}; rebuild it with "
-                "`python scripts/build_mini_sd.py`"
+                f"`python scripts/{entry.build_script}`"
             )
         pipe = pipeline_cls.from_pretrained(entry.path, **kwargs)
     else:
