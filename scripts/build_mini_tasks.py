@@ -61,7 +61,7 @@ from build_mini_sd import (  # noqa: E402
 
 from utils.evaluation import depth_cases, inpainting_cases, psnr_outside, silhouette_iou  # noqa: E402
 from utils.inputs import depth_to_latent_size  # noqa: E402
-from utils.masks import mask_to_latent_size, masked_image, random_mask  # noqa: E402
+from utils.masks import binarize, mask_to_latent_size, masked_image, random_mask  # noqa: E402
 from utils.toyworld import (  # noqa: E402
     caption_for,
     make_scenes,
@@ -485,7 +485,7 @@ def evaluate_inpainting(pipe, n: int, steps: int = 25, guidance: float = 7.5, ba
     from utils.seeding import make_generator
 
     cases = inpainting_cases(n)
-    psnrs, vae_psnrs, colour, shape = [], [], [], []
+    psnrs, vae_psnrs, oracle_psnrs, colour, shape = [], [], [], [], []
     for start in range(0, n, batch):
         chunk = cases[start : start + batch]
         images = pipe(
@@ -494,17 +494,25 @@ def evaluate_inpainting(pipe, n: int, steps: int = 25, guidance: float = 7.5, ba
             num_inference_steps=steps, guidance_scale=guidance,
             generator=[make_generator(start + i) for i in range(len(chunk))],
         ).images
-        # the ceiling: the VAE's own round trip of the input, on the same pixels
-        roundtrips = latents_to_pil(pil_to_latents([c[0] for c in chunk], pipe.vae), pipe.vae)
-        for (original, mask, _, wanted), result, roundtrip in zip(chunk, images, roundtrips):
+        # ceilings on the same pixels: the VAE's own round trip of the input, and an oracle latent
+        # inpainter (the input's latents in the kept cells, the wanted scene's in the repainted ones)
+        latents = pil_to_latents([c[0] for c in chunk], pipe.vae)
+        wanted_latents = pil_to_latents([render_scene(c[3])["image"] for c in chunk], pipe.vae)
+        masks = torch.from_numpy(np.stack([c[1] for c in chunk]).astype(np.float32))[:, None]
+        repaint = mask_to_latent_size(binarize(masks)).to(latents)
+        roundtrips = latents_to_pil(latents, pipe.vae)
+        oracles = latents_to_pil(repaint * wanted_latents + (1 - repaint) * latents, pipe.vae)
+        for (original, mask, _, wanted), result, roundtrip, oracle in zip(chunk, images, roundtrips, oracles):
             psnrs.append(psnr_outside(original, result, mask))
             vae_psnrs.append(psnr_outside(original, roundtrip, mask))
+            oracle_psnrs.append(psnr_outside(original, oracle, mask))
             seen = judge_image(result)
             colour.append(seen.get("colour") == wanted.colour)
             shape.append(seen.get("shape") == wanted.shape)
     both = np.logical_and(colour, shape)
     return {"n": n, "psnr_outside": float(np.mean(psnrs)), "psnr_outside_min": float(np.min(psnrs)),
             "psnr_outside_vae_roundtrip": float(np.mean(vae_psnrs)),
+            "psnr_outside_oracle": float(np.mean(oracle_psnrs)),
             "colour": float(np.mean(colour)), "shape": float(np.mean(shape)),
             "colour_and_shape": float(np.mean(both))}
 

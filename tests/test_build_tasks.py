@@ -77,7 +77,7 @@ def _scene():
 def test_smoke_build_runs_every_stage_and_resumes(smoke):
     root, stdout = smoke
     for line in ("inpainting UNet (EMA weights) saved", "depth estimator saved",
-                 "depth UNet (EMA weights) saved", "inpainting.psnr_outside",
+                 "depth UNet (EMA weights) saved", "inpainting.psnr_outside", "inpainting.psnr_outside_oracle",
                  "inpainting.colour_and_shape", "depth.silhouette_iou", "depth.colour"):
         assert line in stdout, line
     assert not (root / "models" / "mini-sd-inpainting" / "metrics.json").exists()  # --no-save
