@@ -317,7 +317,7 @@ def dpt_processor():
 def balanced_l1(pred, true, on_object) -> torch.Tensor:
     """L1 with the object's pixels and the background's weighted alike, image by image. (Objects
     cover about 6% of an image: with a plain L1 a first DPT learnt the background ramp alone, MAE
-    0.04 overall but 0.63 on the object.)"""
+    0.04 overall but 0.62 on the object.)"""
     error = (pred - true).abs()
     obj = on_object.float()
     per_image = lambda w: (error * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1)  # noqa: E731
