@@ -7,7 +7,9 @@ Stages, each resumable (a stage whose output exists is skipped; a stage that was
 its last checkpoint in --work):
   1. tokenizer  the real CLIP BPE tokenizer, from open_clip's merges file (scripts/build_tokenizer.py)
   2. data       toy-world images rendered once and cached
-  3. clip       a small CLIPModel (text + vision towers) trained contrastively on captions
+  3. clip       a small CLIPModel (text + vision towers): the vision tower warmed up to read the
+                toy world's attributes, then locked while the text tower and both projections
+                train contrastively (LiT), on batches of hard negatives
   4. vae        an AutoencoderKL (8x per side, 4 latent channels, KL-regularised); its scaling
                 factor = 1 / std of the latents, as SD's 0.18215 was computed
   5. unet       a UNet2DConditionModel trained on the frozen CLIP text encoder's hidden states, the
@@ -71,6 +73,11 @@ class Config:
     clip_steps: int = 2_000
     clip_batch: int = 256
     clip_lr: float = 1e-3
+    clip_patch: int = 8
+    clip_group: int = 16
+    vision_warmup_steps: int = 1_500
+    vision_position_std: float = 1.0
+    clip_lock_vision: int = 1
     vae_channels: tuple = (16, 32, 64, 64)
     vae_steps: int = 3_000
     vae_batch: int = 32
@@ -88,7 +95,7 @@ class Config:
 
 
 SMOKE = dict(
-    n_images=512, clip_steps=10, clip_batch=64, vae_steps=10, vae_batch=16, unet_steps=10,
+    n_images=512, clip_steps=10, clip_batch=64, vision_warmup_steps=5, vae_steps=10, vae_batch=16, unet_steps=10,
     unet_batch=32, checkpoint_every=5,
 )
 
@@ -106,9 +113,66 @@ def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def random_caption(scene: Scene, rng: random.Random, mention_prob: float) -> str:
+def random_mention(scene: Scene, rng: random.Random, mention_prob: float) -> Scene:
+    """The scene with a fresh random choice of what its caption mentions."""
     mention = tuple(rng.random() < mention_prob for _ in range(4))
-    return caption_for(Scene(**{**asdict(scene), "mention": mention}))
+    return Scene(**{**asdict(scene), "mention": mention})
+
+
+def random_caption(scene: Scene, rng: random.Random, mention_prob: float) -> str:
+    return caption_for(random_mention(scene, rng, mention_prob))
+
+
+def describes(caption_scene: Scene, scene: Scene) -> bool:
+    """True when every attribute `caption_scene`'s caption mentions is true of `scene`."""
+    size_on, colour_on, position_on, background_on = caption_scene.mention
+    return (caption_scene.shape == scene.shape
+            and (not size_on or caption_scene.size == scene.size)
+            and (not colour_on or caption_scene.colour == scene.colour)
+            and (not position_on or caption_scene.position == scene.position)
+            and (not background_on or caption_scene.background == scene.background))
+
+
+def contrastive_targets(captioned: list[Scene], scenes: list[Scene]) -> torch.Tensor:
+    """(captions, images) 0/1 matrix: caption i is right for image j when it describes scene j.
+
+    A partial caption ("a red star") is right for every red star in the batch, so it must not be
+    pushed away from them: CLIP's one-hot targets would teach the encoders false negatives.
+    """
+    return torch.tensor([[describes(c, s) for s in scenes] for c in captioned], dtype=torch.float32)
+
+
+# CLIP's hard negatives: groups of training images that agree on everything but one or two attributes
+HARD_NEGATIVE_KEYS = {
+    "shape, size and position": ("colour", "background"),
+    "position": ("shape", "colour", "size", "background"),
+    "shape": ("colour", "size", "position", "background"),
+}
+
+
+def hard_negative_groups(scenes: list[Scene]) -> list[list[list[int]]]:
+    """For each entry of HARD_NEGATIVE_KEYS, the scene indices grouped by the attributes it fixes."""
+    keyings = []
+    for fixed in HARD_NEGATIVE_KEYS.values():
+        groups: dict[tuple, list[int]] = {}
+        for i, scene in enumerate(scenes):
+            groups.setdefault(tuple(getattr(scene, a) for a in fixed), []).append(i)
+        pairs = [g for g in groups.values() if len(g) > 1]
+        if pairs:  # a tiny (smoke) dataset may have no two scenes that differ only in shape
+            keyings.append(pairs)
+    return keyings
+
+
+def grouped_batch(keyings: list[list[list[int]]], batch: int, group: int,
+                  rng: random.Random) -> list[int]:
+    """`batch` indices drawn `group` at a time, each time from one group of one keying: images
+    that differ only in the attributes that keying leaves free (shape, or position, or shape,
+    size and position), so the loss can only fall by reading those attributes."""
+    idx: list[int] = []
+    while len(idx) < batch:
+        members = rng.choice(rng.choice(keyings))
+        idx += [rng.choice(members) for _ in range(min(group, batch - len(idx)))]
+    return idx
 
 
 def to_model_input(images_uint8: np.ndarray, device) -> torch.Tensor:
@@ -198,7 +262,7 @@ def clip_configs(cfg: Config, tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     vision = CLIPVisionConfig(
-        image_size=IMAGE_SIZE, patch_size=8, hidden_size=cfg.text_hidden,
+        image_size=IMAGE_SIZE, patch_size=cfg.clip_patch, hidden_size=cfg.text_hidden,
         intermediate_size=4 * cfg.text_hidden, num_hidden_layers=cfg.vision_layers,
         num_attention_heads=4, projection_dim=cfg.text_hidden,
     )
@@ -213,6 +277,54 @@ def clip_pixels(images_uint8: np.ndarray, device) -> torch.Tensor:
     return (x - mean) / std
 
 
+ATTRIBUTE_CLASSES = {"shape": SHAPES, "colour": list(COLOURS), "size": SIZES,
+                     "position": list(range(9)), "background": list(BACKGROUNDS)}
+
+
+class VisionWarmup(torch.nn.Module):
+    """CLIP's vision tower with one linear head per toy-world attribute (heads dropped after)."""
+
+    def __init__(self, vision_model, hidden: int):
+        super().__init__()
+        self.vision_model = vision_model
+        self.heads = torch.nn.ModuleDict(
+            {name: torch.nn.Linear(hidden, len(classes)) for name, classes in ATTRIBUTE_CLASSES.items()})
+
+    def forward(self, pixel_values):
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+        return {name: head(pooled) for name, head in self.heads.items()}
+
+
+def attribute_labels(batch_scenes: list[Scene], device) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor([list(classes).index(getattr(s, name)) for s in batch_scenes],
+                               device=device) for name, classes in ATTRIBUTE_CLASSES.items()}
+
+
+def warm_up_vision(cfg: Config, model, work: Path, scenes, images, n_train: int, device):
+    """Pre-train the image tower to read the attributes from pixels (LiT's recipe: a supervised
+    image tower, then contrastive training of the text tower against it).
+
+    Why: trained contrastively from scratch, both towers sit at a saddle for shape and position.
+    Neither encodes them, so neither gets a gradient to start: 2,000 steps learnt colour and size
+    and left position at chance (cosine 1.00 between the nine positions, both towers).
+    """
+    with torch.no_grad():  # a strong position signal in every patch: the object is a few patches
+        model.vision_model.embeddings.position_embedding.weight.normal_(std=cfg.vision_position_std)
+    warm = VisionWarmup(model.vision_model, cfg.text_hidden).to(device).train()
+    rng = random.Random(cfg.seed + 4)
+
+    def loss_fn(step):
+        idx = [rng.randrange(n_train) for _ in range(cfg.clip_batch)]
+        logits = warm(clip_pixels(images[idx], device))
+        labels = attribute_labels([scenes[i] for i in idx], device)
+        return sum(F.cross_entropy(logits[k].float(), labels[k]) for k in logits)
+
+    trainer = Trainer("clip_vision", warm, cfg.vision_warmup_steps, cfg.clip_lr, work, device,
+                      cfg.checkpoint_every)
+    trainer.run(loss_fn)
+    return warm
+
+
 def stage_clip(cfg: Config, out: Path, work: Path, tokenizer, scenes, images, device):
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -223,21 +335,30 @@ def stage_clip(cfg: Config, out: Path, work: Path, tokenizer, scenes, images, de
     model = CLIPModel(clip_configs(cfg, tokenizer)).to(device).train()
     rng = random.Random(cfg.seed + 1)
     n_train = len(images) - min(1000, len(images) // 8)
+    if cfg.vision_warmup_steps:
+        warm_up_vision(cfg, model, work, scenes, images, n_train, device)
+    if cfg.clip_lock_vision:  # LiT: the image tower stays as warmed up; its projection still learns
+        model.vision_model.requires_grad_(False).eval()
+
+    keyings = hard_negative_groups(scenes[:n_train])
 
     def loss_fn(step):
-        idx = [rng.randrange(n_train) for _ in range(cfg.clip_batch)]
-        captions = [random_caption(scenes[i], rng, cfg.mention_prob) for i in idx]
-        tokens = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                           return_tensors="pt").to(device)
+        if cfg.clip_group > 1 and keyings:
+            idx = grouped_batch(keyings, cfg.clip_batch, cfg.clip_group, rng)
+        else:
+            idx = [rng.randrange(n_train) for _ in range(cfg.clip_batch)]
+        captioned = [random_mention(scenes[i], rng, cfg.mention_prob) for i in idx]
+        # padded to the longest caption, not to 77: the attention is causal, so padding changes
+        # neither the caption's token states nor the pooled end-of-text state, and costs 5x
+        tokens = tokenizer([c.caption for c in captioned], padding="longest", max_length=77,
+                           truncation=True, return_tensors="pt").to(device)
         outputs = model(input_ids=tokens.input_ids, pixel_values=clip_pixels(images[idx], device))
-        logits = outputs.logits_per_image.float()  # (B images, B captions)
-        # equal captions are equally right: spread the target over duplicates
-        same = torch.tensor([[a == b for b in captions] for a in captions], device=device).float()
-        # a partial caption is right for every image it describes
-        targets = same / same.sum(1, keepdim=True)
+        logits = outputs.logits_per_text.float()  # (B captions, B images)
+        right = contrastive_targets(captioned, [scenes[i] for i in idx]).to(device)
         return 0.5 * (
-            torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
-            + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean()
+            torch.sum(-(right / right.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1).mean()
+            + torch.sum(-(right.T / right.T.sum(1, keepdim=True)) * F.log_softmax(logits.T, 1),
+                        1).mean()
         )
 
     trainer = Trainer("clip", model, cfg.clip_steps, cfg.clip_lr, work, device, cfg.checkpoint_every)

@@ -43,5 +43,109 @@ def test_smoke_build_then_evaluate(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    for line in ("prompts.all", "vae.psnr", "clip.colour", "speed.seconds_per_image"):
+    for line in ("prompts.all", "vae.psnr", "clip.colour", "clip.position", "speed.seconds_per_image"):
         assert line in evaluate.stdout
+
+
+def _build_module():
+    """scripts/build_mini_sd.py as a module (its functions are tested directly)."""
+    if "build_mini_sd" not in sys.modules:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        spec = importlib.util.spec_from_file_location("build_mini_sd", ROOT / "scripts" / "build_mini_sd.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["build_mini_sd"] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules["build_mini_sd"]
+
+
+def test_a_partial_caption_is_right_for_every_image_it_describes():
+    import random
+    from dataclasses import replace
+
+    from utils.toyworld import sample_scene
+
+    b = _build_module()
+    red_star = sample_scene(random.Random(0), shape="star", colour="red", position="in the top left")
+    other_place = replace(red_star, position=8)
+    blue_star = replace(red_star, colour="blue")
+    circle = replace(red_star, shape="circle")
+    images = [red_star, other_place, blue_star, circle]
+    only_colour = replace(red_star, mention=(False, True, False, False))  # "a red star"
+    with_place = replace(red_star, mention=(False, True, True, False))  # "a red star in the top left"
+    nothing = replace(red_star, mention=(False, False, False, False))  # "a star"
+    assert only_colour.caption == "a red star"
+    targets = b.contrastive_targets([only_colour, with_place, nothing], images)
+    assert targets.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]]
+
+
+def test_hard_negative_batches_leave_one_kind_of_attribute_free_per_group():
+    import random
+
+    from utils.toyworld import make_scenes
+
+    b = _build_module()
+    scenes = make_scenes(3000, seed=0)
+    keyings = b.hard_negative_groups(scenes)
+    assert len(keyings) == len(b.HARD_NEGATIVE_KEYS)
+    idx = b.grouped_batch(keyings, batch=160, group=16, rng=random.Random(0))
+    assert len(idx) == 160
+    fixed_sets = list(b.HARD_NEGATIVE_KEYS.values())
+    seen = set()
+    for start in range(0, 160, 16):
+        group = [scenes[i] for i in idx[start : start + 16]]
+        agree = [f for f in fixed_sets if len({tuple(getattr(s, a) for a in f) for s in group}) == 1]
+        assert agree, "every group agrees on the attributes of one keying"
+        seen.update(agree)
+    assert len(seen) > 1, "the keyings are mixed within a batch"
+    # the attributes left free do vary within a group keyed on all but position
+    by_position = keyings[list(b.HARD_NEGATIVE_KEYS).index("position")]
+    assert max(len({scenes[i].position for i in g}) for g in by_position) > 1
+
+
+def test_padding_to_the_longest_caption_changes_no_text_state():
+    """CLIP trains on captions padded to the longest one in the batch; SD pads to 77. The causal
+    attention makes the two give the same token states and the same pooled state."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from tests.conftest import MINI_SD
+
+    tokenizer = CLIPTokenizer.from_pretrained(MINI_SD / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(MINI_SD / "text_encoder", dtype=torch.float32).eval()
+    captions = ["a red star", "a large blue circle in the top left on a gray background"]
+    with torch.no_grad():
+        short = encoder(**tokenizer(captions, padding="longest", return_tensors="pt"))
+        full = encoder(**tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt"))
+    n = short.last_hidden_state.shape[1]
+    assert n < 20
+    torch.testing.assert_close(short.last_hidden_state, full.last_hidden_state[:, :n], atol=1e-5, rtol=0)
+    torch.testing.assert_close(short.pooler_output, full.pooler_output, atol=1e-5, rtol=0)
+
+
+def test_vision_warmup_reads_every_attribute_from_the_pooled_state():
+    import random
+
+    import torch
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from tests.conftest import MINI_SD
+    from utils.toyworld import sample_scene
+
+    b = _build_module()
+    cfg = b.Config()
+    tokenizer = CLIPTokenizer.from_pretrained(MINI_SD / "tokenizer")
+    clip = CLIPModel(b.clip_configs(cfg, tokenizer))
+    warm = b.VisionWarmup(clip.vision_model, cfg.text_hidden)
+    rng = random.Random(0)
+    scenes = [sample_scene(rng) for _ in range(3)]
+    labels = b.attribute_labels(scenes, "cpu")
+    assert set(labels) == set(b.ATTRIBUTE_CLASSES) == {"shape", "colour", "size", "position",
+                                                       "background"}
+    for name, classes in b.ATTRIBUTE_CLASSES.items():
+        for scene, label in zip(scenes, labels[name].tolist()):
+            assert list(classes)[label] == getattr(scene, name)
+    logits = warm(torch.zeros(3, 3, 64, 64))
+    assert {k: tuple(v.shape) for k, v in logits.items()} == {
+        k: (3, len(c)) for k, c in b.ATTRIBUTE_CLASSES.items()}
+    # the heads are not part of CLIP: the vision tower is shared, not copied
+    assert warm.vision_model is clip.vision_model
