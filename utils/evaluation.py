@@ -2,7 +2,7 @@
 
 - `prompt_accuracy`: generate one image per grammar prompt and count the attributes it got right;
 - `vae_roundtrip`: PSNR of VAE reconstructions, and the judge run on those reconstructions;
-- `clip_zero_shot`: colour and shape read by CLIP from "a {colour} {shape}" prompts.
+- `clip_zero_shot`: colour, shape, position and size read by CLIP from grammar prompts.
 """
 
 from __future__ import annotations
@@ -85,29 +85,44 @@ def vae_roundtrip(vae, scenes: list[Scene], batch_size: int = 100) -> dict:
             **_rates(hits)}
 
 
+def _unit(features) -> torch.Tensor:
+    features = getattr(features, "pooler_output", features)
+    return features / features.norm(dim=-1, keepdim=True)
+
+
 @torch.no_grad()
 def clip_zero_shot(model, processor, scenes: list[Scene]) -> dict:
-    """Zero-shot classification over the 32 prompts "a {colour} {shape}"; colour and shape rates."""
+    """CLIP reads the toy world: which prompt's text vector is closest to the image's vector.
+
+    - colour and shape: one choice among the 32 prompts "a {colour} {shape}";
+    - position: among the 9 prompts "a {colour} {shape} {position}", with the true colour and shape;
+    - size: between "a small ..." and "a large {colour} {shape}".
+    Returns {"n", "colour", "shape", "position", "size"} (rates).
+    """
+
+    def text_features(prompts):
+        tokens = processor(text=prompts, padding="max_length", max_length=77, return_tensors="pt")
+        return _unit(model.get_text_features(**tokens))
+
     labels = [(c, s) for c in COLOURS for s in SHAPES]
-    text = processor(text=[f"a {c} {s}" for c, s in labels], padding="max_length",
-                     max_length=77, return_tensors="pt")
-    text_embeds = model.get_text_features(**text)
-    text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
-    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_features([f"a {c} {s}" for c, s in labels])
+    sizes = ("small", "large")
     hits = defaultdict(list)
     for start in range(0, len(scenes), 200):
         chunk = scenes[start : start + 200]
         size = model.config.vision_config.image_size
         pixels = processor(images=[render_scene(s, size)["image"] for s in chunk],
                            return_tensors="pt").pixel_values
-        image_embeds = model.get_image_features(pixel_values=pixels)
-        image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
-        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        image_embeds = _unit(model.get_image_features(pixel_values=pixels))
         best = (image_embeds @ text_embeds.T).argmax(1).tolist()
-        for k, scene in zip(best, chunk):
+        for k, scene, image_embed in zip(best, chunk, image_embeds):
             colour, shape = labels[k]
             hits["colour"].append(colour == scene.colour)
             hits["shape"].append(shape == scene.shape)
+            where = text_features([f"a {scene.colour} {scene.shape} {p}" for p in POSITIONS])
+            hits["position"].append(int((where @ image_embed).argmax()) == scene.position)
+            how_big = text_features([f"a {z} {scene.colour} {scene.shape}" for z in sizes])
+            hits["size"].append(sizes[int((how_big @ image_embed).argmax())] == scene.size)
     return {"n": len(scenes), **_rates(hits)}
 
 
