@@ -241,6 +241,12 @@ def stage_tokenizer(out: Path):
     return CLIPTokenizer.from_pretrained(target)
 
 
+def as_loaded(tokenizer):
+    """The tokenizer as saved by stage_tokenizer: calls with padding and truncation leave their
+    settings in a tokenizer's saved config (transformers 5.24), which must not reach the models."""
+    return type(tokenizer).from_pretrained(tokenizer.name_or_path)
+
+
 def stage_data(cfg: Config, work: Path):
     cache = work / f"toyworld_{cfg.n_images}_{cfg.seed}.npz"
     if cache.exists():
@@ -371,7 +377,7 @@ def stage_clip(cfg: Config, out: Path, work: Path, tokenizer, scenes, images, de
             size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
             image_mean=CLIP_MEAN, image_std=CLIP_STD,
         ),
-        tokenizer=tokenizer,
+        tokenizer=as_loaded(tokenizer),
     )
     processor.save_pretrained(target)
     log(f"CLIP saved to {target}")
@@ -562,7 +568,7 @@ def stage_assemble(cfg: Config, out: Path, tokenizer, clip, vae, unet):
     ))
     pipe = StableDiffusionPipeline(
         vae=vae.cpu().float(), text_encoder=text_encoder_from_clip(clip.cpu().float()),
-        tokenizer=tokenizer, unet=unet.cpu().float(), scheduler=scheduler, safety_checker=None,
+        tokenizer=as_loaded(tokenizer), unet=unet.cpu().float(), scheduler=scheduler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(target, safe_serialization=True)
