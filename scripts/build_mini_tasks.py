@@ -88,6 +88,9 @@ class Config:
     unet_lr: float = 2e-4
     conv_in_lr_mult: float = 5.0  # conv_in (which holds the new, zero-initialised channels) learns faster
     unet_init: str = ""  # a widened UNet folder to continue from instead of widening the base's UNet
+    # move task UNets fine-tuned from an older base onto this base before training (task arithmetic):
+    transfer_from: str = ""  # a models folder holding those task UNets (<folder>/mini-sd-inpainting/unet, ...)
+    transfer_base: str = ""  # the UNet folder of the older base they were fine-tuned from
     dpt_steps: int = 3_000
     dpt_batch: int = 64
     dpt_lr: float = 2e-3
@@ -220,12 +223,51 @@ def captions_for(idx, scenes, rng: random.Random, cfg: Config, layout_mention: f
     return captions
 
 
-def initial_unet(cfg: Config, base_unet, in_channels: int):
-    """The UNet a stage starts from: `cfg.unet_init` if given (an earlier run's widened UNet), else
+def transfer_task(base_unet, task_unet, task_base_unet):
+    """`base_unet` + (`task_unet` - `task_base_unet`): a task UNet fine-tuned from an older base,
+    moved onto a newer base of the same architecture (task arithmetic, Ilharco et al., 2023). Every
+    weight keeps what the fine-tuning added to the old base; the input channels that only the task
+    UNet has (conv_in's mask or depth channels) are copied as they are. Float32."""
+    from diffusers import UNet2DConditionModel
+
+    new, old = base_unet.state_dict(), task_base_unet.state_dict()
+    task = task_unet.state_dict()
+    if new.keys() != old.keys() or any(new[k].shape != old[k].shape for k in new) or new.keys() != task.keys():
+        raise ValueError("the two bases (or the task UNet) differ in architecture: task arithmetic needs "
+                         "the same layers and shapes everywhere but conv_in's input channels")
+    state = {}
+    for key, weight in task.items():
+        weight, was, now = weight.float().cpu(), old[key].float().cpu(), new[key].float().cpu()
+        if weight.shape != was.shape:  # conv_in.weight (C, 4 + extra, 3, 3)
+            weight = weight.clone()
+            weight[:, : was.shape[1]] = now + (weight[:, : was.shape[1]] - was)
+            state[key] = weight
+        else:
+            state[key] = now + (weight - was)
+    moved = UNet2DConditionModel.from_config(task_unet.config)
+    moved.load_state_dict(state)
+    return moved.float()
+
+
+def initial_unet(cfg: Config, base_unet, in_channels: int, folder: str = INPAINT_DIR):
+    """The UNet a stage starts from: `cfg.unet_init` if given (an earlier run's widened UNet); or,
+    with `cfg.transfer_from`, that folder's task UNet moved onto the base (`transfer_task`); else
     the base's UNet widened with zero-initialised input channels."""
+    from diffusers import UNet2DConditionModel
+
+    if cfg.transfer_from:
+        if cfg.unet_init or not cfg.transfer_base:
+            raise ValueError("--transfer-from needs --transfer-base (the older base's UNet folder) "
+                             "and no --unet-init")
+        source = Path(cfg.transfer_from) / folder / "unet"
+        task = UNet2DConditionModel.from_pretrained(source, torch_dtype=torch.float32)
+        old_base = UNet2DConditionModel.from_pretrained(cfg.transfer_base, torch_dtype=torch.float32)
+        if task.config.in_channels != in_channels:
+            raise ValueError(f"{source} has {task.config.in_channels} input channels, this stage needs {in_channels}")
+        log(f"starting from {source} moved onto the base: base + (it - {cfg.transfer_base})")
+        return transfer_task(base_unet, task, old_base)
     if not cfg.unet_init:
         return widen_conv_in(base_unet, in_channels)
-    from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(cfg.unet_init, torch_dtype=torch.float32)
     if unet.config.in_channels != in_channels:
@@ -267,7 +309,7 @@ def stage_inpaint(cfg: Config, out: Path, work: Path, data, device):
     scenes, images, coverage, _ = data
     tokenizer, text_encoder, vae, base_unet = load_base(cfg, device)
     torch.manual_seed(cfg.seed)
-    unet = initial_unet(cfg, base_unet, 9)
+    unet = initial_unet(cfg, base_unet, 9, INPAINT_DIR)
     scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
     scaling = vae.config.scaling_factor
     rng, np_rng = random.Random(cfg.seed + 10), np.random.default_rng(cfg.seed + 10)
@@ -370,7 +412,7 @@ def stage_depth_unet(cfg: Config, out: Path, work: Path, data, device):
         estimator = estimator.to(device).eval().requires_grad_(False)
     tokenizer, text_encoder, vae, base_unet = load_base(cfg, device)
     torch.manual_seed(cfg.seed)
-    unet = initial_unet(cfg, base_unet, 5)
+    unet = initial_unet(cfg, base_unet, 5, DEPTH_DIR)
     scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
     scaling = vae.config.scaling_factor
     rng = random.Random(cfg.seed + 30)

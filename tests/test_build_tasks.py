@@ -247,3 +247,37 @@ def test_cubic_timesteps_favour_high_noise():
     assert 450 < uniform.float().median() < 550
     with pytest.raises(ValueError, match="unknown timestep sampling"):
         tasks.sample_timesteps(2, gen, "cpu", "logit-normal")
+
+
+def test_transfer_task_moves_the_fine_tuning_onto_a_new_base():
+    from diffusers import UNet2DConditionModel
+
+    tasks = _build_tasks()
+
+    def tiny(seed, channels=(8, 16)):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+            norm_num_groups=4, attention_head_dim=2).eval()
+
+    old_base, new_base = tiny(0), tiny(1)
+    task = tasks.widen_conv_in(old_base, 9)  # "fine-tuned" from old_base: every weight moved a little
+    with torch.no_grad():
+        for p in task.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    moved = tasks.transfer_task(new_base, task, old_base)
+    assert moved.config.in_channels == 9
+    got, old, new, tuned = (m.state_dict() for m in (moved, old_base, new_base, task))
+    for key in new:
+        if key == "conv_in.weight":
+            torch.testing.assert_close(got[key][:, :4], new[key] + tuned[key][:, :4] - old[key])
+            torch.testing.assert_close(got[key][:, 4:], tuned[key][:, 4:])  # mask channels as trained
+        else:
+            torch.testing.assert_close(got[key], new[key] + tuned[key] - old[key])
+    # onto its own base, the task UNet comes back unchanged
+    for key, value in tasks.transfer_task(old_base, task, old_base).state_dict().items():
+        torch.testing.assert_close(value, tuned[key])
+    with pytest.raises(ValueError, match="architecture"):  # a new base of another width
+        tasks.transfer_task(tiny(2, channels=(8, 24)), task, old_base)
