@@ -42,16 +42,3 @@ def tiny_vae():
         sample_size=32, scaling_factor=0.5,
     )
     return vae.eval()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Work units for pytest-xdist's `--dist loadgroup` (scripts/test.sh): each file's tests go to one
-    worker, in order (a notebook's cells share one kernel; module fixtures are built once), except
-    the real-switch runs of the notebooks, which are independent and long: each is a unit of its
-    own, so that both workers share them."""
-    for item in items:
-        group = item.nodeid.split("::")[0]
-        if item.nodeid.startswith("tests/test_real_switch.py::test_notebook_runs_on_the_real_switch"):
-            group = item.nodeid
-        item.add_marker(pytest.mark.xdist_group(group))
