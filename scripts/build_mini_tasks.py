@@ -3,6 +3,8 @@
     python scripts/build_mini_tasks.py                        # every stage into models/
     python scripts/build_mini_tasks.py inpaint assemble       # some stages only
     python scripts/build_mini_tasks.py evaluate               # measure what is in models/
+    python scripts/build_mini_tasks.py inpaint --transfer-from OLD_MODELS --transfer-base OLD_BASE_UNET
+                                  # start from task UNets made on an older mini-sd (the model cards)
     python scripts/build_mini_tasks.py --smoke --out /tmp/x   # the CPU smoke run the tests use
 
 Made the way SD's inpainting and depth models were made: start from the text-to-image UNet, add
@@ -232,7 +234,13 @@ def transfer_task(base_unet, task_unet, task_base_unet):
 
     new, old = base_unet.state_dict(), task_base_unet.state_dict()
     task = task_unet.state_dict()
-    if new.keys() != old.keys() or any(new[k].shape != old[k].shape for k in new) or new.keys() != task.keys():
+    def same_but_inputs(a, b):  # equal shapes, conv_in.weight's input channels aside
+        return a.shape == b.shape or (a.dim() == 4 and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:])
+
+    if (new.keys() != old.keys() or new.keys() != task.keys()
+            or any(new[k].shape != old[k].shape for k in new)
+            or any(not same_but_inputs(task[k], old[k]) if k == "conv_in.weight" else task[k].shape != old[k].shape
+                   for k in task)):
         raise ValueError("the two bases (or the task UNet) differ in architecture: task arithmetic needs "
                          "the same layers and shapes everywhere but conv_in's input channels")
     state = {}
@@ -249,7 +257,7 @@ def transfer_task(base_unet, task_unet, task_base_unet):
     return moved.float()
 
 
-def initial_unet(cfg: Config, base_unet, in_channels: int, folder: str = INPAINT_DIR):
+def initial_unet(cfg: Config, base_unet, in_channels: int, folder: str):
     """The UNet a stage starts from: `cfg.unet_init` if given (an earlier run's widened UNet); or,
     with `cfg.transfer_from`, that folder's task UNet moved onto the base (`transfer_task`); else
     the base's UNet widened with zero-initialised input channels."""

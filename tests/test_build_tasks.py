@@ -281,3 +281,5 @@ def test_transfer_task_moves_the_fine_tuning_onto_a_new_base():
         torch.testing.assert_close(value, tuned[key])
     with pytest.raises(ValueError, match="architecture"):  # a new base of another width
         tasks.transfer_task(tiny(2, channels=(8, 24)), task, old_base)
+    with pytest.raises(ValueError, match="architecture"):  # a task UNet of another width
+        tasks.transfer_task(new_base, tasks.widen_conv_in(tiny(3, channels=(8, 24)), 9), old_base)
