@@ -5,9 +5,11 @@
 epsilon prediction, PNDM with SD's schedule, an 8x VAE, a quick_gelu CLIP text encoder with the
 real CLIP tokenizer, 77 tokens) but tiny channel counts and a size of its own: 16x16 latents,
 128x128 images, hidden size 32, and one layer per UNet block where SD has two (this halves the
-cost of a UNet call, which is what the notebook runs spend their time on). Those sizes differ from the bundled mini model (8x8 latents, 64x64
-images, hidden size 64) and from real SD (64x64, 512x512, 768), so a notebook that hard-codes a
-size instead of reading it from the loaded model's config fails on it.
+cost of a UNet call, which is what the notebook runs spend their time on). Those sizes differ from
+the bundled mini model (8x8 latents, 64x64 images, hidden size 64) and from real SD (64x64,
+512x512, 768), so a notebook that hard-codes a size instead of reading it from the loaded model's
+config fails on it. (One layer per block is the mini model's too: a hard-coded layers_per_block
+would not be caught here.)
 
 It is laid out as `huggingface_hub` lays out HF_HUB_CACHE after a download of
 stable-diffusion-v1-5/stable-diffusion-v1-5:
