@@ -12,7 +12,9 @@ back to that cache, so:
   with COURSE_MODEL=real, HF_HUB_OFFLINE=1, HF_HUB_CACHE=<fake cache> and no cell errors. A size
   hard-coded for the mini model (64 px, 8x8 latents, hidden size 64) instead of read from the
   loaded model's config fails here. Outputs are not compared (the weights are random), and
-  toy-world-only sections print "skipped" on a real model, as they should.
+  toy-world-only sections print "skipped" on a real model, as they should. A run that waits over
+  SLOW_WAIT seconds in one cell, or outside the cells, gets a warning naming where (a diagnostic
+  for a stall seen once; never a failure).
 
 The notebooks are executed from an in-memory copy (the files on disk are checked unchanged), in a
 kernel running this interpreter (as nbval's --nbval-current-env does), with notebooks/ as its
