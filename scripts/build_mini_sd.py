@@ -83,6 +83,7 @@ class Config:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_hard_weight: float = 1.0
     unet_channels: tuple = (64, 128, 128)
     unet_steps: int = 4_500
     unet_batch: int = 128
@@ -426,19 +427,36 @@ def edge_weight(x: torch.Tensor) -> torch.Tensor:
     return 1 + 4 * F.max_pool2d(edges, 3, stride=1, padding=1)
 
 
-def stage_vae(cfg: Config, out: Path, work: Path, images, device):
+def vae_sample_weights(scenes, hard: float) -> np.ndarray:
+    """Sampling probabilities of the training scenes for the VAE: small stars and small triangles
+    `hard` times as likely as a large shape, other small shapes half-way ((1 + hard) / 2). Their
+    points are what an 8x8x4 latent loses first; `hard` = 1 is uniform sampling."""
+    small = np.array([s.size == "small" for s in scenes])
+    pointed = np.array([s.shape in ("star", "triangle") for s in scenes])
+    weights = np.where(small & pointed, hard, np.where(small, (1 + hard) / 2, 1.0))
+    return weights / weights.sum()
+
+
+def stage_vae(cfg: Config, out: Path, work: Path, scenes, images, device, init: Path | None = None):
     from diffusers import AutoencoderKL
 
     target = out / "mini-sd" / "vae"
     if (target / "diffusion_pytorch_model.safetensors").exists():
         return AutoencoderKL.from_pretrained(target)
     torch.manual_seed(cfg.seed)
-    vae = vae_model(cfg).to(device).train()
+    vae = vae_model(cfg)
+    if init is not None:  # continue training an earlier VAE, encoder and decoder (a fresh optimizer)
+        vae.load_state_dict(AutoencoderKL.from_pretrained(init).float().state_dict())
+        log(f"vae: starting from the weights in {init}")
+    vae = vae.to(device).train()
     rng = np.random.default_rng(cfg.seed + 2)
     n_train = len(images) - min(1000, len(images) // 8)
+    probs = vae_sample_weights(scenes[:n_train], cfg.vae_hard_weight)
 
     def loss_fn(step):
-        x = to_model_input(images[rng.integers(0, n_train, cfg.vae_batch)], device)
+        picks = (rng.integers(0, n_train, cfg.vae_batch) if cfg.vae_hard_weight == 1
+                 else rng.choice(n_train, cfg.vae_batch, p=probs))  # uniform: the first build's draws
+        x = to_model_input(images[picks], device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         err = recon.float() - x
@@ -589,6 +607,10 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="delete earlier outputs and checkpoints")
     parser.add_argument("--unet-init", type=Path, default=None,
                         help="a UNet folder to continue training from (weights only)")
+    parser.add_argument("--vae-init", type=Path, default=None,
+                        help="a VAE folder to continue training from (weights only)")
+    parser.add_argument("--until", choices=("clip", "vae", "unet"), default=None,
+                        help="stop after this stage (its output is saved; nothing is assembled)")
     for field, value in asdict(Config()).items():
         if isinstance(value, (int, float, str)):
             parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=None)
@@ -612,11 +634,17 @@ def main() -> None:
     scenes, images = stage_data(cfg, args.work)
     clip = stage_clip(cfg, args.out, args.work, tokenizer, scenes, images, device)
     log(f"clip done at {time.time() - t0:.0f} s")
-    vae = stage_vae(cfg, args.out, args.work, images, device)
+    if args.until == "clip":
+        return
+    vae = stage_vae(cfg, args.out, args.work, scenes, images, device, init=args.vae_init)
     log(f"vae done at {time.time() - t0:.0f} s")
+    if args.until == "vae":
+        return
     unet = stage_unet(cfg, args.out, args.work, tokenizer, clip, vae, scenes, images, device,
                       init=args.unet_init)
     log(f"unet done at {time.time() - t0:.0f} s")
+    if args.until == "unet":
+        return
     stage_assemble(cfg, args.out, tokenizer, clip, vae, unet)
     log(f"built in {time.time() - t0:.0f} s; evaluate with: python scripts/evaluate.py")
 

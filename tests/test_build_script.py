@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -40,6 +41,19 @@ def test_smoke_build_then_evaluate(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0 and "UNet (EMA weights) saved" not in again.stdout
+
+    # a VAE continued from the built one, small pointed shapes oversampled, and nothing after it
+    more = tmp_path / "more"
+    continued = subprocess.run(
+        [sys.executable, "scripts/build_mini_sd.py", "--smoke", "--out", str(more), "--work",
+         str(tmp_path / "work_more"), "--vae-init", str(models / "mini-sd" / "vae"),
+         "--vae-hard-weight", "3", "--until", "vae"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "vae: starting from the weights in" in continued.stdout
+    assert (more / "mini-sd" / "vae" / "diffusion_pytorch_model.safetensors").exists()
+    assert not (more / "mini-sd" / "unet").exists() and not (more / "mini-sd" / "model_index.json").exists()
 
     evaluate = subprocess.run(
         [sys.executable, "scripts/evaluate.py", "--models", str(models), "--prompts", "4",
@@ -153,3 +167,18 @@ def test_vision_warmup_reads_every_attribute_from_the_pooled_state():
         k: (3, len(c)) for k, c in b.ATTRIBUTE_CLASSES.items()}
     # the heads are not part of CLIP: the vision tower is shared, not copied
     assert warm.vision_model is clip.vision_model
+
+
+def test_vae_sampling_weights_favour_small_pointed_shapes():
+    import random
+
+    from utils.toyworld import sample_scene
+
+    b = _build_module()
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, shape=shape, size=size)
+              for shape, size in [("star", "small"), ("triangle", "small"), ("circle", "small"), ("star", "large")]]
+    assert np.allclose(b.vae_sample_weights(scenes, 1.0), 0.25)
+    weights = b.vae_sample_weights(scenes, 3.0)
+    assert np.isclose(weights.sum(), 1.0)
+    assert np.allclose(weights / weights[3], [3.0, 3.0, 2.0, 1.0])
