@@ -26,7 +26,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.evaluation import clip_zero_shot, prompt_accuracy, vae_roundtrip  # noqa: E402
+from utils.evaluation import clip_zero_shot, prompt_accuracy, shape_by_size, vae_roundtrip  # noqa: E402
 from utils.judge import ATTRIBUTES  # noqa: E402
 from utils.seeding import make_generator  # noqa: E402
 from utils.toyworld import grammar_prompts  # noqa: E402
@@ -64,7 +64,9 @@ def main() -> None:
     }
     t0 = time.time()
     scenes = grammar_prompts(args.prompts, seed=EVAL_SEED)
-    metrics["prompts"] = prompt_accuracy(pipe, scenes, args.steps, args.guidance, seed=EVAL_SEED)
+    metrics["prompts"] = prompt_accuracy(pipe, scenes, args.steps, args.guidance, seed=EVAL_SEED,
+                                         return_images=True)
+    breakdown = {"prompts": shape_by_size(metrics["prompts"].pop("images"), scenes)}
     print(f"prompt accuracy done in {time.time() - t0:.0f} s", flush=True)
 
     # speed: one guided 25-step image at batch 1, the median of 3 after a warm-up
@@ -77,7 +79,9 @@ def main() -> None:
     metrics["speed"] = {"seconds_per_image": float(sorted(times[1:])[1])}
 
     held_out = grammar_prompts(args.images, seed=EVAL_SEED + 1)
-    metrics["vae"] = vae_roundtrip(pipe.vae, held_out)
+    metrics["vae"] = vae_roundtrip(pipe.vae, held_out, return_images=True)
+    breakdown["vae"] = shape_by_size(metrics["vae"].pop("images"), held_out)
+    metrics["shape_by_size"] = breakdown
     clip_dir = args.models / "mini-clip"
     clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32, use_safetensors=True).eval()
     metrics["clip"] = clip_zero_shot(clip, CLIPProcessor.from_pretrained(clip_dir), held_out)
@@ -101,6 +105,13 @@ def main() -> None:
             print(f"{name:<28}{shown:>9}{goal:>9}  {met}")
     print(f"(n: {metrics['prompts']['n']} prompts, {metrics['vae']['n']} images; "
           f"{metrics['setup']['seconds']} s on {metrics['setup']['machine']})")
+    print("\nshape right, by size and shape (what the judge read instead):")
+    for group, label in (("prompts", "generated"), ("vae", "VAE round trips")):
+        print(f"  {label}")
+        for key, row in breakdown[group].items():
+            if row["n"]:
+                wrong = ", ".join(f"{k} {v}" for k, v in row["seen"].items() if k != key.split()[1])
+                print(f"    {key:<16}{row['right']:>6.0%} of {row['n']:<4}{wrong}")
     if not args.no_save:
         path = args.models / "mini-sd" / "metrics.json"
         path.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -55,3 +55,21 @@ def test_score_counts_only_what_was_asked():
 def test_judge_rejects_non_rgb():
     with pytest.raises(ValueError, match="RGB"):
         judge_image(np.zeros((8, 8)))
+
+
+def test_shape_by_size_splits_the_verdicts():
+    from dataclasses import replace
+
+    from utils.evaluation import shape_by_size
+
+    rng = random.Random(3)
+    scenes = [sample_scene(rng, shape=shape, size=size)
+              for shape in ("star", "square") for size in ("small", "large") for _ in range(2)]
+    images = [render_scene(s)["image"] for s in scenes]
+    # one small star drawn as a square: the table must say so, and nothing else changes
+    images[0] = render_scene(replace(scenes[0], shape="square"))["image"]
+    table = shape_by_size(images, scenes)
+    assert list(table) == [f"{z} {s}" for z in ("small", "large") for s in ("circle", "square", "triangle", "star")]
+    assert table["small star"] == {"n": 2, "right": 0.5, "seen": {"star": 1, "square": 1}}
+    assert table["large star"]["right"] == 1.0 and table["small square"]["right"] == 1.0
+    assert table["small circle"]["n"] == 0

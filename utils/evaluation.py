@@ -2,13 +2,14 @@
 
 - `prompt_accuracy`: generate one image per grammar prompt and count the attributes it got right;
 - `vae_roundtrip`: PSNR of VAE reconstructions, and the judge run on those reconstructions;
-- `clip_zero_shot`: colour, shape, position and size read by CLIP from grammar prompts.
+- `clip_zero_shot`: colour, shape, position and size read by CLIP from grammar prompts;
+- `shape_by_size`: the judge's shape verdicts split by size and shape (where the shape errors are).
 """
 
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
 
 import numpy as np
@@ -18,7 +19,16 @@ from .images import latents_to_pil, pil_to_latents
 from .judge import ATTRIBUTES, OBJECT_THRESHOLD, _largest_component, judge_image, score
 from .masks import object_mask
 from .seeding import make_generator
-from .toyworld import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, grammar_prompts, render_scene
+from .toyworld import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    grammar_prompts,
+    render_scene,
+)
 
 EVAL_SEED = 2_000_003  # the inpainting and depth evaluation scenes (never rendered for training)
 
@@ -64,14 +74,17 @@ def prompt_accuracy(pipe, scenes: list[Scene], num_inference_steps: int = 25,
 
 
 @torch.no_grad()
-def vae_roundtrip(vae, scenes: list[Scene], batch_size: int = 100) -> dict:
-    """Encode and decode rendered scenes; PSNR (dB, on 0-255) and the judge on the round trips."""
-    psnrs, hits = [], defaultdict(list)
+def vae_roundtrip(vae, scenes: list[Scene], batch_size: int = 100, return_images: bool = False) -> dict:
+    """Encode and decode rendered scenes; PSNR (dB, on 0-255) and the judge on the round trips
+    (and "images", the reconstructions, with `return_images`)."""
+    psnrs, hits, images = [], defaultdict(list), []
     size = vae.config.sample_size
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start : start + batch_size]
         originals = [render_scene(s, size)["image"] for s in chunk]
         recons = latents_to_pil(pil_to_latents(originals, vae), vae)
+        if return_images:
+            images += recons
         for original, recon, scene in zip(originals, recons, chunk):
             a = np.asarray(original, dtype=np.float64)
             b = np.asarray(recon, dtype=np.float64)
@@ -81,8 +94,26 @@ def vae_roundtrip(vae, scenes: list[Scene], batch_size: int = 100) -> dict:
             for key in ATTRIBUTES:
                 hits[key].append(seen.get(key) == wanted[key])
             hits["all"].append(all(seen.get(k) == v for k, v in wanted.items()))
-    return {"n": len(scenes), "psnr": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)),
-            **_rates(hits)}
+    result = {"n": len(scenes), "psnr": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)),
+              **_rates(hits)}
+    if return_images:
+        result["images"] = images
+    return result
+
+
+def shape_by_size(images, scenes: list[Scene]) -> dict[str, dict]:
+    """The judge's shape verdict on each image against its scene's shape, split by size and shape:
+    {"small star": {"n": 18, "right": 0.11, "seen": {"square": 10, "triangle": 6, "star": 2}}, ...}
+    ("seen" counts what the judge read, None where it found no object)."""
+    table: dict[str, dict] = {}
+    for size in SIZES:
+        for shape in SHAPES:
+            seen = [judge_image(im).get("shape") for im, s in zip(images, scenes)
+                    if s.size == size and s.shape == shape]
+            counts = Counter(seen)
+            table[f"{size} {shape}"] = {"n": len(seen), "right": counts[shape] / len(seen) if seen else float("nan"),
+                                        "seen": dict(counts.most_common())}
+    return table
 
 
 def _unit(features) -> torch.Tensor:
