@@ -3,6 +3,7 @@ loads with diffusers and goes through the evaluation script."""
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -44,6 +45,8 @@ def test_smoke_build_then_evaluate(tmp_path):
 
     # a VAE continued from the built one, small pointed shapes oversampled, and nothing after it
     more = tmp_path / "more"
+    shutil.copytree(models / "mini-clip", more / "mini-clip")  # kept: no CLIP stage to rerun
+    shutil.copytree(models / "mini-sd" / "tokenizer", more / "mini-sd" / "tokenizer")
     continued = subprocess.run(
         [sys.executable, "scripts/build_mini_sd.py", "--smoke", "--out", str(more), "--work",
          str(tmp_path / "work_more"), "--vae-init", str(models / "mini-sd" / "vae"),
@@ -51,7 +54,7 @@ def test_smoke_build_then_evaluate(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert continued.returncode == 0, continued.stderr[-3000:]
-    assert "vae: starting from the weights in" in continued.stdout
+    assert "vae: starting from the weights in" in continued.stdout and "CLIP saved" not in continued.stdout
     assert (more / "mini-sd" / "vae" / "diffusion_pytorch_model.safetensors").exists()
     assert not (more / "mini-sd" / "unet").exists() and not (more / "mini-sd" / "model_index.json").exists()
 
