@@ -2,6 +2,7 @@
 
     python scripts/evaluate.py                     # the full evaluation (a few minutes on 2 CPU cores)
     python scripts/evaluate.py --prompts 20 --images 50 --models /tmp/x   # quick look
+    python scripts/evaluate.py --vae build/x/mini-sd/vae --no-save   # a candidate VAE, same UNet
 
 Everything is judged from pixels by utils/judge.py, on prompts and images the models never saw
 (seeds distinct from training). Writes the numbers to <models>/mini-sd/metrics.json too.
@@ -46,14 +47,27 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="images for the VAE and CLIP")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="evaluate with this VAE folder (and its scaling_factor) instead of the pipeline's own")
     parser.add_argument("--no-save", action="store_true", help="don't write metrics.json")
     args = parser.parse_args()
+    if args.vae is not None:
+        if not (args.vae / "config.json").exists():
+            parser.error(f"--vae {args.vae}: no config.json there; give a folder saved by "
+                         "AutoencoderKL.save_pretrained")
+        if not args.no_save:
+            parser.error("--vae evaluates a candidate VAE: add --no-save (metrics.json describes "
+                         "the bundled model)")
 
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from transformers import CLIPModel, CLIPProcessor
 
     pipe = StableDiffusionPipeline.from_pretrained(args.models / "mini-sd", use_safetensors=True)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if args.vae is not None:
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     metrics: dict = {
         "setup": {

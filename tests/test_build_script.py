@@ -58,6 +58,16 @@ def test_smoke_build_then_evaluate(tmp_path):
     assert (more / "mini-sd" / "vae" / "diffusion_pytorch_model.safetensors").exists()
     assert not (more / "mini-sd" / "unet").exists() and not (more / "mini-sd" / "model_index.json").exists()
 
+    # the candidate VAE is evaluated with the first build's UNet; never written over its metrics
+    candidate = [sys.executable, "scripts/evaluate.py", "--models", str(models), "--prompts", "2",
+                 "--images", "8", "--vae", str(more / "mini-sd" / "vae")]
+    refused = subprocess.run(candidate, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "add --no-save" in refused.stderr
+    checked = subprocess.run(candidate + ["--no-save"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "VAE round trips" in checked.stdout and "small star" in checked.stdout
+
     evaluate = subprocess.run(
         [sys.executable, "scripts/evaluate.py", "--models", str(models), "--prompts", "4",
          "--images", "20", "--no-save"],
