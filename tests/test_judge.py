@@ -72,4 +72,4 @@ def test_shape_by_size_splits_the_verdicts():
     assert list(table) == [f"{z} {s}" for z in ("small", "large") for s in ("circle", "square", "triangle", "star")]
     assert table["small star"] == {"n": 2, "right": 0.5, "seen": {"star": 1, "square": 1}}
     assert table["large star"]["right"] == 1.0 and table["small square"]["right"] == 1.0
-    assert table["small circle"]["n"] == 0
+    assert table["small circle"] == {"n": 0, "right": None, "seen": {}}

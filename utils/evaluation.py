@@ -104,14 +104,14 @@ def vae_roundtrip(vae, scenes: list[Scene], batch_size: int = 100, return_images
 def shape_by_size(images, scenes: list[Scene]) -> dict[str, dict]:
     """The judge's shape verdict on each image against its scene's shape, split by size and shape:
     {"small star": {"n": 18, "right": 0.11, "seen": {"square": 10, "triangle": 6, "star": 2}}, ...}
-    ("seen" counts what the judge read, None where it found no object)."""
+    ("seen" counts what the judge read, None where it found no object; "right" is None for no images)."""
     table: dict[str, dict] = {}
     for size in SIZES:
         for shape in SHAPES:
             seen = [judge_image(im).get("shape") for im, s in zip(images, scenes)
                     if s.size == size and s.shape == shape]
             counts = Counter(seen)
-            table[f"{size} {shape}"] = {"n": len(seen), "right": counts[shape] / len(seen) if seen else float("nan"),
+            table[f"{size} {shape}"] = {"n": len(seen), "right": counts[shape] / len(seen) if seen else None,
                                         "seen": dict(counts.most_common())}
     return table
 
