@@ -14,8 +14,8 @@ back to that cache, so:
   loaded model's config fails here. Outputs are not compared (the weights are random), and
   toy-world-only sections print "skipped" on a real model, as they should. A run that waits over
   SLOW_WAIT seconds in one phase (kernel start, a cell, between two cells, kernel shutdown; timed
-  on this process's clock by nbclient's hooks) gets a warning naming it (a diagnostic for a
-  ~600 s stall seen twice; never a failure).
+  on this process's clock by nbclient's hooks) gets a warning naming it (a diagnostic, never a
+  failure; it found the ~600 s stall that the sliced polls of `_kernel_manager_class` now fix).
 
 The notebooks are executed from an in-memory copy (the files on disk are checked unchanged), in a
 kernel running this interpreter (as nbval's --nbval-current-env does), with notebooks/ as its
@@ -158,16 +158,54 @@ def test_real_checkpoint_missing_offline_is_a_clear_error(tmp_path):
 
 # --- the notebooks ----------------------------------------------------------------------------
 
+POLL_SLICE = 1.0  # seconds: the longest one zmq poll of the kernel client may wait (see below)
+
+
 def _kernel_manager_class():
-    """An async kernel manager whose kernel is this interpreter (nbval's --nbval-current-env)."""
+    """An async kernel manager whose kernel is this interpreter (nbval's --nbval-current-env) and
+    whose client polls its sockets in slices of POLL_SLICE seconds.
+
+    Why the slices: zmq.asyncio can miss the wakeup for a message that has already arrived (its
+    socket's file descriptor is edge-triggered; pyzmq issues 1558 and 2173). The poll then sleeps
+    until its timeout and returns the message after all, so nbclient, which polls the shell socket
+    with the whole cell timeout, waited CELL_TIMEOUT (600 s) on a cell the kernel had finished at
+    once, and went on without an error. It hit notebook 01's ipywidgets cell in CI runs (~1 in 3);
+    a loop of 40 tiny notebooks with two `interact` cells reproduced it 6 times (cells waiting
+    exactly their timeout). nbval's own runner uses a blocking client and is not affected.
+    Polling in slices bounds a missed wakeup to POLL_SLICE; the overall timeout is unchanged."""
+    from queue import Empty
+
+    from jupyter_client.asynchronous import AsyncKernelClient
+    from jupyter_client.channels import AsyncZMQSocketChannel
     from jupyter_client.manager import AsyncKernelManager
     from nbval.kernel import NbvalKernelspecManager
-    from traitlets import default
+    from traitlets import Type, default
+
+    class SlicedPollChannel(AsyncZMQSocketChannel):
+        async def get_msg(self, timeout: float | None = None) -> dict:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                wait = POLL_SLICE if left is None else min(POLL_SLICE, left)
+                if await self.socket.poll(int(wait * 1000)):
+                    return await self._recv()
+                if left is not None and left <= POLL_SLICE:
+                    raise Empty
+
+    class SlicedPollClient(AsyncKernelClient):
+        shell_channel_class = Type(SlicedPollChannel)
+        iopub_channel_class = Type(SlicedPollChannel)
+        stdin_channel_class = Type(SlicedPollChannel)
+        control_channel_class = Type(SlicedPollChannel)
 
     class CurrentEnvKernelManager(AsyncKernelManager):
         @default("kernel_spec_manager")
         def _kernel_spec_manager_default(self):
             return NbvalKernelspecManager(data_dir=self.data_dir)
+
+        @default("client_factory")
+        def _client_factory_default(self):
+            return SlicedPollClient
 
     return CurrentEnvKernelManager
 
@@ -239,8 +277,9 @@ class _Clock:
 
 
 def _warn_if_stalled(notebook: Path, nb, clock: _Clock) -> None:
-    # a diagnostic, not a check: CI-like runs twice had notebook 01 take ~615 s here instead of
-    # ~15 s, idle, outside the kernel's own cell timings; this says which phase waited
+    # a diagnostic, not a check: CI runs had notebook 01 take ~615 s here instead of ~15 s, idle,
+    # outside the kernel's own cell timings (a missed zmq wakeup: see _kernel_manager_class); if
+    # a phase is ever that slow again, this says which one waited
     end = clock.complete or time.perf_counter()
     phases = {"kernel start": (clock.ready or end) - clock.started}
     done = [i for i, t in sorted(clock.cells.items()) if len(t) == 2]
