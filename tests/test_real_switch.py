@@ -169,7 +169,7 @@ def _kernel_manager_class():
     socket's file descriptor is edge-triggered; pyzmq issues 1558 and 2173). The poll then sleeps
     until its timeout and returns the message after all, so nbclient, which polls the shell socket
     with the whole cell timeout, waited CELL_TIMEOUT (600 s) on a cell the kernel had finished at
-    once, and went on without an error. It hit notebook 01's ipywidgets cell in CI runs (~1 in 3);
+    once, and went on without an error. It hit notebook 01's ipywidgets cell in several CI runs;
     a loop of 40 tiny notebooks with two `interact` cells reproduced it 6 times (cells waiting
     exactly their timeout). nbval's own runner uses a blocking client and is not affected.
     Polling in slices bounds a missed wakeup to POLL_SLICE; the overall timeout is unchanged."""
