@@ -84,6 +84,7 @@ class Config:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     vae_hard_weight: float = 1.0
+    vae_decoder_only: int = 0
     unet_channels: tuple = (64, 128, 128)
     unet_steps: int = 4_500
     unet_batch: int = 128
@@ -445,10 +446,19 @@ def stage_vae(cfg: Config, out: Path, work: Path, scenes, images, device, init: 
         return AutoencoderKL.from_pretrained(target)
     torch.manual_seed(cfg.seed)
     vae = vae_model(cfg)
-    if init is not None:  # continue training an earlier VAE, encoder and decoder (a fresh optimizer)
-        vae.load_state_dict(AutoencoderKL.from_pretrained(init).float().state_dict())
+    if init is not None:  # continue training an earlier VAE (a fresh optimizer)
+        earlier = AutoencoderKL.from_pretrained(init)
+        vae.load_state_dict(earlier.float().state_dict())
+        vae.register_to_config(scaling_factor=earlier.config.scaling_factor)
         log(f"vae: starting from the weights in {init}")
+    elif cfg.vae_decoder_only:
+        raise ValueError("--vae-decoder-only 1 fine-tunes the decoder of an earlier VAE: give --vae-init")
     vae = vae.to(device).train()
+    if cfg.vae_decoder_only:
+        # SD's ft-MSE recipe: the encoder (and so every latent, the scaling factor, and every UNet
+        # trained on those latents) stays exactly as it was; only the decoder learns
+        for part in (vae.encoder, vae.quant_conv):
+            part.requires_grad_(False).eval()
     rng = np.random.default_rng(cfg.seed + 2)
     n_train = len(images) - min(1000, len(images) // 8)
     probs = vae_sample_weights(scenes[:n_train], cfg.vae_hard_weight)
@@ -457,7 +467,8 @@ def stage_vae(cfg: Config, out: Path, work: Path, scenes, images, device, init: 
         picks = (rng.integers(0, n_train, cfg.vae_batch) if cfg.vae_hard_weight == 1
                  else rng.choice(n_train, cfg.vae_batch, p=probs))  # uniform: the first build's draws
         x = to_model_input(images[picks], device)
-        posterior = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not cfg.vae_decoder_only):
+            posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         err = recon.float() - x
         weight = edge_weight(x)
@@ -467,6 +478,10 @@ def stage_vae(cfg: Config, out: Path, work: Path, scenes, images, device, init: 
     trainer = Trainer("vae", vae, cfg.vae_steps, cfg.vae_lr, work, device, cfg.checkpoint_every)
     trainer.run(loss_fn)
     vae.eval()
+    if cfg.vae_decoder_only:  # the latents are unchanged: so is their scale
+        vae.save_pretrained(target)
+        log(f"VAE (new decoder, encoder and scaling_factor {vae.config.scaling_factor} kept) saved to {target}")
+        return vae
     # SD's scaling factor: 1 / std of the (sampled) latents over the training images
     gen = torch.Generator(device).manual_seed(0)
     with torch.no_grad():

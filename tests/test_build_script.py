@@ -2,6 +2,7 @@
 loads with diffusers and goes through the evaluation script."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -43,20 +44,29 @@ def test_smoke_build_then_evaluate(tmp_path):
     )
     assert again.returncode == 0 and "UNet (EMA weights) saved" not in again.stdout
 
-    # a VAE continued from the built one, small pointed shapes oversampled, and nothing after it
+    # the built VAE's decoder fine-tuned (its encoder frozen), small pointed shapes oversampled,
+    # and nothing after it
     more = tmp_path / "more"
     shutil.copytree(models / "mini-clip", more / "mini-clip")  # kept: no CLIP stage to rerun
     shutil.copytree(models / "mini-sd" / "tokenizer", more / "mini-sd" / "tokenizer")
     continued = subprocess.run(
         [sys.executable, "scripts/build_mini_sd.py", "--smoke", "--out", str(more), "--work",
          str(tmp_path / "work_more"), "--vae-init", str(models / "mini-sd" / "vae"),
-         "--vae-hard-weight", "3", "--until", "vae"],
+         "--vae-hard-weight", "3", "--vae-decoder-only", "1", "--until", "vae"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert continued.returncode == 0, continued.stderr[-3000:]
     assert "vae: starting from the weights in" in continued.stdout and "CLIP saved" not in continued.stdout
-    assert (more / "mini-sd" / "vae" / "diffusion_pytorch_model.safetensors").exists()
     assert not (more / "mini-sd" / "unet").exists() and not (more / "mini-sd" / "model_index.json").exists()
+    from safetensors.torch import load_file
+
+    before, after = (load_file(folder / "mini-sd" / "vae" / "diffusion_pytorch_model.safetensors")
+                     for folder in (models, more))
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(before[k].float().equal(after[k].float()) for k in frozen)
+    assert any(not before[k].float().equal(after[k].float()) for k in before if k.startswith("decoder."))
+    configs = [json.loads((folder / "mini-sd" / "vae" / "config.json").read_text()) for folder in (models, more)]
+    assert configs[0]["scaling_factor"] == configs[1]["scaling_factor"]  # same latents, same scale
 
     # the candidate VAE is evaluated with the first build's UNet; never written over its metrics
     candidate = [sys.executable, "scripts/evaluate.py", "--models", str(models), "--prompts", "2",
@@ -195,3 +205,12 @@ def test_vae_sampling_weights_favour_small_pointed_shapes():
     weights = b.vae_sample_weights(scenes, 3.0)
     assert np.isclose(weights.sum(), 1.0)
     assert np.allclose(weights / weights[3], [3.0, 3.0, 2.0, 1.0])
+
+
+def test_decoder_only_vae_training_needs_an_earlier_vae(tmp_path):
+    import torch
+
+    b = _build_module()
+    with pytest.raises(ValueError, match="--vae-init"):
+        b.stage_vae(b.Config(vae_decoder_only=1), tmp_path, tmp_path, [], np.zeros((0, 64, 64, 3), np.uint8),
+                    torch.device("cpu"))
