@@ -11,7 +11,9 @@ its last checkpoint in --work):
                 toy world's attributes, then locked while the text tower and both projections
                 train contrastively (LiT), on batches of hard negatives
   4. vae        an AutoencoderKL (8x per side, 4 latent channels, KL-regularised); its scaling
-                factor = 1 / std of the latents, as SD's 0.18215 was computed
+                factor = 1 / std of the latents, as SD's 0.18215 was computed; with --vae-init
+                it continues an earlier VAE, and with --vae-decoder-only 1 only its decoder learns
+                (encoder, latents and scaling factor kept, so UNets trained on them still fit)
   5. unet       a UNet2DConditionModel trained on the frozen CLIP text encoder's hidden states, the
                 1000-step scaled-linear schedule, v-prediction, 10% caption dropout
   6. assemble   a StableDiffusionPipeline with SD's PNDM scheduler, saved as fp16 safetensors
