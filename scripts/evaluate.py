@@ -27,7 +27,13 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.evaluation import clip_zero_shot, prompt_accuracy, shape_by_size, vae_roundtrip  # noqa: E402
+from utils.evaluation import (  # noqa: E402
+    clip_zero_shot,
+    colour_by_colour,
+    prompt_accuracy,
+    shape_by_size,
+    vae_roundtrip,
+)
 from utils.judge import ATTRIBUTES  # noqa: E402
 from utils.seeding import make_generator  # noqa: E402
 from utils.toyworld import grammar_prompts  # noqa: E402
@@ -80,7 +86,9 @@ def main() -> None:
     scenes = grammar_prompts(args.prompts, seed=EVAL_SEED)
     metrics["prompts"] = prompt_accuracy(pipe, scenes, args.steps, args.guidance, seed=EVAL_SEED,
                                          return_images=True)
-    breakdown = {"prompts": shape_by_size(metrics["prompts"].pop("images"), scenes)}
+    generated = metrics["prompts"].pop("images")
+    breakdown = {"prompts": shape_by_size(generated, scenes)}
+    metrics["colour_by_colour"] = colour_by_colour(generated, scenes)
     print(f"prompt accuracy done in {time.time() - t0:.0f} s", flush=True)
 
     # speed: one guided 25-step image at batch 1, the median of 3 after a warm-up
@@ -126,6 +134,11 @@ def main() -> None:
             if row["n"]:
                 wrong = ", ".join(f"{k} {v}" for k, v in row["seen"].items() if k != key.split()[1])
                 print(f"    {key:<16}{row['right']:>6.0%} of {row['n']:<4}{wrong}")
+    print("\ncolour right, by the colour asked for (generated; what the judge read instead):")
+    for colour, row in metrics["colour_by_colour"].items():
+        if row["n"]:
+            wrong = ", ".join(f"{k or 'no object'} {v}" for k, v in row["seen"].items() if k != colour)
+            print(f"    {colour:<16}{row['right']:>6.0%} of {row['n']:<4}{wrong}")
     if not args.no_save:
         path = args.models / "mini-sd" / "metrics.json"
         path.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -73,3 +73,23 @@ def test_shape_by_size_splits_the_verdicts():
     assert table["small star"] == {"n": 2, "right": 0.5, "seen": {"star": 1, "square": 1}}
     assert table["large star"]["right"] == 1.0 and table["small square"]["right"] == 1.0
     assert table["small circle"] == {"n": 0, "right": None, "seen": {}}
+
+
+def test_colour_by_colour_splits_the_verdicts():
+    from dataclasses import replace
+
+    from utils.evaluation import colour_by_colour
+
+    rng = random.Random(4)
+    scenes = [sample_scene(rng, colour=colour, background="gray") for colour in ("yellow", "blue") for _ in range(2)]
+    scenes = [replace(s, mention=(True, True, True, True)) for s in scenes]
+    # a caption that does not ask for a colour is left out of the table
+    scenes.append(replace(sample_scene(rng, colour="red", background="gray"), mention=(True, False, True, True)))
+    images = [render_scene(s)["image"] for s in scenes]
+    # one yellow object drawn red: the table must say so, and nothing else changes
+    images[0] = render_scene(replace(scenes[0], colour="red", rgb=(220, 40, 40)))["image"]
+    table = colour_by_colour(images, scenes)
+    assert list(table) == ["red", "orange", "yellow", "green", "blue", "purple", "white", "black"]
+    assert table["yellow"] == {"n": 2, "right": 0.5, "seen": {"yellow": 1, "red": 1}}
+    assert table["blue"] == {"n": 2, "right": 1.0, "seen": {"blue": 2}}
+    assert table["red"] == {"n": 0, "right": None, "seen": {}}

@@ -3,7 +3,8 @@
 - `prompt_accuracy`: generate one image per grammar prompt and count the attributes it got right;
 - `vae_roundtrip`: PSNR of VAE reconstructions, and the judge run on those reconstructions;
 - `clip_zero_shot`: colour, shape, position and size read by CLIP from grammar prompts;
-- `shape_by_size`: the judge's shape verdicts split by size and shape (where the shape errors are).
+- `shape_by_size`: the judge's shape verdicts split by size and shape (where the shape errors are);
+- `colour_by_colour`: the judge's colour verdicts split by the colour the caption asked for.
 """
 
 from __future__ import annotations
@@ -113,6 +114,20 @@ def shape_by_size(images, scenes: list[Scene]) -> dict[str, dict]:
             counts = Counter(seen)
             table[f"{size} {shape}"] = {"n": len(seen), "right": counts[shape] / len(seen) if seen else None,
                                         "seen": dict(counts.most_common())}
+    return table
+
+
+def colour_by_colour(images, scenes: list[Scene]) -> dict[str, dict]:
+    """The judge's colour verdict on each image whose caption asks for a colour, split by that colour:
+    {"yellow": {"n": 12, "right": 0.75, "seen": {"yellow": 9, "orange": 2, None: 1}}, ...}
+    ("seen" counts what the judge read, None where it found no object; "right" is None for no images)."""
+    table: dict[str, dict] = {}
+    for colour in COLOURS:
+        seen = [judge_image(im).get("colour") for im, s in zip(images, scenes)
+                if s.attributes.get("colour") == colour]
+        counts = Counter(seen)
+        table[colour] = {"n": len(seen), "right": counts[colour] / len(seen) if seen else None,
+                         "seen": dict(counts.most_common())}
     return table
 
 
