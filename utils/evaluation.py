@@ -102,33 +102,31 @@ def vae_roundtrip(vae, scenes: list[Scene], batch_size: int = 100, return_images
     return result
 
 
+def _verdict_row(seen: list, wanted: str) -> dict:
+    """{"n", "right", "seen"} for a list of the judge's readings of one attribute."""
+    counts = Counter(seen)
+    return {"n": len(seen), "right": counts[wanted] / len(seen) if seen else None,
+            "seen": dict(counts.most_common())}
+
+
 def shape_by_size(images, scenes: list[Scene]) -> dict[str, dict]:
     """The judge's shape verdict on each image against its scene's shape, split by size and shape:
     {"small star": {"n": 18, "right": 0.11, "seen": {"square": 10, "triangle": 6, "star": 2}}, ...}
     ("seen" counts what the judge read, None where it found no object; "right" is None for no images)."""
-    table: dict[str, dict] = {}
-    for size in SIZES:
-        for shape in SHAPES:
-            seen = [judge_image(im).get("shape") for im, s in zip(images, scenes)
-                    if s.size == size and s.shape == shape]
-            counts = Counter(seen)
-            table[f"{size} {shape}"] = {"n": len(seen), "right": counts[shape] / len(seen) if seen else None,
-                                        "seen": dict(counts.most_common())}
-    return table
+    seen = [judge_image(im).get("shape") for im in images]
+    return {f"{size} {shape}": _verdict_row([v for v, s in zip(seen, scenes)
+                                             if s.size == size and s.shape == shape], shape)
+            for size in SIZES for shape in SHAPES}
 
 
 def colour_by_colour(images, scenes: list[Scene]) -> dict[str, dict]:
     """The judge's colour verdict on each image whose caption asks for a colour, split by that colour:
     {"yellow": {"n": 12, "right": 0.75, "seen": {"yellow": 9, "orange": 2, None: 1}}, ...}
     ("seen" counts what the judge read, None where it found no object; "right" is None for no images)."""
-    table: dict[str, dict] = {}
-    for colour in COLOURS:
-        seen = [judge_image(im).get("colour") for im, s in zip(images, scenes)
-                if s.attributes.get("colour") == colour]
-        counts = Counter(seen)
-        table[colour] = {"n": len(seen), "right": counts[colour] / len(seen) if seen else None,
-                         "seen": dict(counts.most_common())}
-    return table
+    seen = [judge_image(im).get("colour") for im in images]
+    return {colour: _verdict_row([v for v, s in zip(seen, scenes)
+                                  if s.attributes.get("colour") == colour], colour)
+            for colour in COLOURS}
 
 
 def _unit(features) -> torch.Tensor:
