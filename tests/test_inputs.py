@@ -69,7 +69,7 @@ def test_depth_map_wrong_shape_is_a_clear_error(depth_map, match):
 def test_depth_preparation_matches_the_pipeline():
     from diffusers import StableDiffusionDepth2ImgPipeline
 
-    depth = torch.rand(2, 64, 64) * 3
+    depth = torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(0)) * 3
     image = [Image.new("RGB", (64, 64))] * 2
     # prepare_depth_map only reads vae_scale_factor when a depth map is given
     fake = SimpleNamespace(vae_scale_factor=8)

@@ -96,8 +96,10 @@ def test_bad_attributes_are_clear_errors():
         sample_scene(rng, shape="hexagon")
     with pytest.raises(ValueError, match="own colour"):
         sample_scene(rng, colour="red", background="red")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown position 'somewhere'; choose a grid index 0..8 or one of \['in"):
         sample_scene(rng, position="somewhere")
+    with pytest.raises(ValueError, match="position must be 0..8"):
+        sample_scene(rng, position=9)
 
 
 def test_grammar_prompts_name_every_attribute():

@@ -146,6 +146,8 @@ def sample_scene(
     if position is None:
         position = rng.randrange(9)
     elif isinstance(position, str):
+        if position not in POSITIONS:
+            raise ValueError(f"unknown position {position!r}; choose a grid index 0..8 or one of {list(POSITIONS)}")
         position = POSITIONS.index(position)
     if background is None:
         background = rng.choice([b for b in BACKGROUNDS if b != colour])
