@@ -36,7 +36,8 @@ def make_samples(out: Path, n: int = 12, steps: int = 25, models: Path | None = 
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from utils import image_grid, make_generator
+    from utils import image_grid
+    from utils.evaluation import prompt_accuracy
     from utils.judge import score
     from utils.toyworld import grammar_prompts
 
@@ -47,11 +48,10 @@ def make_samples(out: Path, n: int = 12, steps: int = 25, models: Path | None = 
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     scenes = grammar_prompts(n, seed=SEED)
-    captions = [s.caption for s in scenes]
-    images = pipe(captions, num_inference_steps=steps, guidance_scale=7.5,
-                  generator=[make_generator(i) for i in range(n)]).images
+    # the evaluation's own generation (scripts/evaluate.py): prompt i with seed i, judged from pixels
+    images = prompt_accuracy(pipe, scenes, steps, 7.5, seed=0, return_images=True)["images"]
     verdicts = [score(im, s.attributes) for im, s in zip(images, scenes)]
-    titles = [verdict_title(c, v) for c, v in zip(captions, verdicts)]
+    titles = [verdict_title(s.caption, v) for s, v in zip(scenes, verdicts)]
     out.mkdir(parents=True, exist_ok=True)
     path = out / FIGURE
     image_grid(images, cols=min(cols, n), titles=titles, tile=160).save(path, optimize=True)
