@@ -9,7 +9,9 @@ its last checkpoint in --work):
   2. data       toy-world images rendered once and cached
   3. clip       a small CLIPModel (text + vision towers): the vision tower warmed up to read the
                 toy world's attributes, then locked while the text tower and both projections
-                train contrastively (LiT), on batches of hard negatives
+                train contrastively (LiT), on batches of hard negatives; with --clip-init it
+                continues an earlier CLIP, and with --clip-lock-text 1 that CLIP's text tower
+                stays as it was (the UNet reads it) while the vision side learns
   4. vae        an AutoencoderKL (8x per side, 4 latent channels, KL-regularised); its scaling
                 factor = 1 / std of the latents, as SD's 0.18215 was computed; with --vae-init
                 it continues an earlier VAE, and with --vae-decoder-only 1 only its decoder learns
@@ -78,8 +80,10 @@ class Config:
     clip_patch: int = 8
     clip_group: int = 16
     vision_warmup_steps: int = 1_500
+    vision_warmup_lr: float = 1e-3
     vision_position_std: float = 1.0
     clip_lock_vision: int = 1
+    clip_lock_text: int = 0
     vae_channels: tuple = (16, 32, 64, 64)
     vae_steps: int = 3_000
     vae_batch: int = 32
@@ -310,7 +314,8 @@ def attribute_labels(batch_scenes: list[Scene], device) -> dict[str, torch.Tenso
                                device=device) for name, classes in ATTRIBUTE_CLASSES.items()}
 
 
-def warm_up_vision(cfg: Config, model, work: Path, scenes, images, n_train: int, device):
+def warm_up_vision(cfg: Config, model, work: Path, scenes, images, n_train: int, device,
+                   fresh: bool = True):
     """Pre-train the image tower to read the attributes from pixels (LiT's recipe: a supervised
     image tower, then contrastive training of the text tower against it).
 
@@ -318,8 +323,9 @@ def warm_up_vision(cfg: Config, model, work: Path, scenes, images, n_train: int,
     Neither encodes them, so neither gets a gradient to start: 2,000 steps learnt colour and size
     and left position at chance (cosine 1.00 between the nine positions, both towers).
     """
-    with torch.no_grad():  # a strong position signal in every patch: the object is a few patches
-        model.vision_model.embeddings.position_embedding.weight.normal_(std=cfg.vision_position_std)
+    if fresh:  # a strong position signal in every patch: the object is a few patches
+        with torch.no_grad():
+            model.vision_model.embeddings.position_embedding.weight.normal_(std=cfg.vision_position_std)
     warm = VisionWarmup(model.vision_model, cfg.text_hidden).to(device).train()
     rng = random.Random(cfg.seed + 4)
 
@@ -329,26 +335,38 @@ def warm_up_vision(cfg: Config, model, work: Path, scenes, images, n_train: int,
         labels = attribute_labels([scenes[i] for i in idx], device)
         return sum(F.cross_entropy(logits[k].float(), labels[k]) for k in logits)
 
-    trainer = Trainer("clip_vision", warm, cfg.vision_warmup_steps, cfg.clip_lr, work, device,
+    trainer = Trainer("clip_vision", warm, cfg.vision_warmup_steps, cfg.vision_warmup_lr, work, device,
                       cfg.checkpoint_every)
     trainer.run(loss_fn)
     return warm
 
 
-def stage_clip(cfg: Config, out: Path, work: Path, tokenizer, scenes, images, device):
+def stage_clip(cfg: Config, out: Path, work: Path, tokenizer, scenes, images, device,
+               init: Path | None = None):
+    """With `init` (an earlier mini-clip folder) the CLIP continues from its weights; with
+    cfg.clip_lock_text its text tower, the one mini-sd's UNet reads, stays exactly as it was
+    (only its projection learns), so that a better vision tower needs no new UNet."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     target = out / "mini-clip"
     if (target / "model.safetensors").exists():
         return CLIPModel.from_pretrained(target, dtype=torch.float32)
-    torch.manual_seed(cfg.seed)
-    model = CLIPModel(clip_configs(cfg, tokenizer)).to(device).train()
+    if init is not None:
+        model = CLIPModel.from_pretrained(init, dtype=torch.float32).to(device).train()
+        log(f"clip: starting from the weights in {init}")
+    elif cfg.clip_lock_text:
+        raise ValueError("--clip-lock-text 1 keeps the text tower of an earlier CLIP: give --clip-init")
+    else:
+        torch.manual_seed(cfg.seed)
+        model = CLIPModel(clip_configs(cfg, tokenizer)).to(device).train()
     rng = random.Random(cfg.seed + 1)
     n_train = len(images) - min(1000, len(images) // 8)
     if cfg.vision_warmup_steps:
-        warm_up_vision(cfg, model, work, scenes, images, n_train, device)
+        warm_up_vision(cfg, model, work, scenes, images, n_train, device, fresh=init is None)
     if cfg.clip_lock_vision:  # LiT: the image tower stays as warmed up; its projection still learns
         model.vision_model.requires_grad_(False).eval()
+    if cfg.clip_lock_text:  # the reverse: the text tower stays, its projection still learns
+        model.text_model.requires_grad_(False).eval()
 
     keyings = hard_negative_groups(scenes[:n_train])
 
@@ -374,7 +392,8 @@ def stage_clip(cfg: Config, out: Path, work: Path, tokenizer, scenes, images, de
     trainer = Trainer("clip", model, cfg.clip_steps, cfg.clip_lr, work, device, cfg.checkpoint_every)
     trainer.run(loss_fn)
     model.eval()
-    _zero_unused_token_rows(model.text_model, tokenizer, scenes, cfg)
+    if not cfg.clip_lock_text:
+        _zero_unused_token_rows(model.text_model, tokenizer, scenes, cfg)
     model.save_pretrained(target)
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(
@@ -624,6 +643,8 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="delete earlier outputs and checkpoints")
     parser.add_argument("--unet-init", type=Path, default=None,
                         help="a UNet folder to continue training from (weights only)")
+    parser.add_argument("--clip-init", type=Path, default=None,
+                        help="a mini-clip folder to continue training from (weights only)")
     parser.add_argument("--vae-init", type=Path, default=None,
                         help="a VAE folder to continue training from (weights only)")
     parser.add_argument("--until", choices=("clip", "vae", "unet"), default=None,
@@ -649,7 +670,7 @@ def main() -> None:
 
     tokenizer = stage_tokenizer(args.out)
     scenes, images = stage_data(cfg, args.work)
-    clip = stage_clip(cfg, args.out, args.work, tokenizer, scenes, images, device)
+    clip = stage_clip(cfg, args.out, args.work, tokenizer, scenes, images, device, init=args.clip_init)
     log(f"clip done at {time.time() - t0:.0f} s")
     if args.until == "clip":
         return

@@ -68,6 +68,25 @@ def test_smoke_build_then_evaluate(tmp_path):
     configs = [json.loads((folder / "mini-sd" / "vae" / "config.json").read_text()) for folder in (models, more)]
     assert configs[0]["scaling_factor"] == configs[1]["scaling_factor"]  # same latents, same scale
 
+    # the built CLIP continued with its text tower locked: the tower the UNet reads is kept
+    # tensor for tensor, the vision tower and the text projection learn
+    vision = tmp_path / "vision"
+    shutil.copytree(models / "mini-sd" / "tokenizer", vision / "mini-sd" / "tokenizer")
+    relearnt = subprocess.run(
+        [sys.executable, "scripts/build_mini_sd.py", "--smoke", "--out", str(vision), "--work",
+         str(tmp_path / "work_vision"), "--clip-init", str(models / "mini-clip"), "--clip-lock-text", "1",
+         "--clip-lock-vision", "0", "--until", "clip"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert relearnt.returncode == 0, relearnt.stderr[-3000:]
+    assert "clip: starting from the weights in" in relearnt.stdout and "CLIP saved" in relearnt.stdout
+    assert not (vision / "mini-sd" / "vae").exists()
+    before, after = (load_file(folder / "mini-clip" / "model.safetensors") for folder in (models, vision))
+    text = [k for k in before if k.startswith("text_model.")]
+    assert text and all(before[k].float().equal(after[k].float()) for k in text)
+    for learnt in ("vision_model.", "text_projection."):
+        assert any(not before[k].float().equal(after[k].float()) for k in before if k.startswith(learnt)), learnt
+
     # the candidate VAE is evaluated with the first build's UNet; never written over its metrics
     candidate = [sys.executable, "scripts/evaluate.py", "--models", str(models), "--prompts", "2",
                  "--images", "8", "--vae", str(more / "mini-sd" / "vae")]
@@ -214,3 +233,12 @@ def test_decoder_only_vae_training_needs_an_earlier_vae(tmp_path):
     with pytest.raises(ValueError, match="--vae-init"):
         b.stage_vae(b.Config(vae_decoder_only=1), tmp_path, tmp_path, [], np.zeros((0, 64, 64, 3), np.uint8),
                     torch.device("cpu"))
+
+
+def test_locking_the_text_tower_needs_an_earlier_clip(tmp_path):
+    import torch
+
+    b = _build_module()
+    with pytest.raises(ValueError, match="--clip-init"):
+        b.stage_clip(b.Config(clip_lock_text=1), tmp_path, tmp_path, None, [],
+                     np.zeros((0, 64, 64, 3), np.uint8), torch.device("cpu"))

@@ -104,3 +104,15 @@ def test_prompt_over_77_tokens_warns_with_what_was_cut(mini_pipe):
         logger.setLevel(old_level)
     messages = [r.getMessage() for r in records]
     assert any("truncated" in m and "blue background" in m for m in messages), messages
+
+
+def test_the_text_encoder_is_mini_clips_text_tower():
+    """The UNet reads mini-clip's text tower: retraining mini-clip's vision side must leave it as
+    it is (scripts/build_mini_sd.py --clip-lock-text 1), tensor for tensor."""
+    from safetensors.torch import load_file
+
+    encoder = load_file(MINI_SD / "text_encoder" / "model.safetensors")
+    clip = load_file(MINI_CLIP / "model.safetensors")
+    tower = {k.removeprefix("text_model."): v for k, v in clip.items() if k.startswith("text_model.")}
+    assert len(encoder) == 52 and set(encoder) == set(tower)
+    assert all(encoder[k].equal(tower[k]) for k in encoder)
