@@ -659,6 +659,8 @@ def main() -> None:
         value = getattr(args, field, None)
         if value is not None:
             setattr(cfg, field, value)
+    if cfg.clip_lock_text and args.clip_init is None:  # before the data is rendered, not after
+        parser.error("--clip-lock-text 1 keeps the text tower of an earlier CLIP: give --clip-init FOLDER")
     if args.fresh:
         shutil.rmtree(args.work, ignore_errors=True)
         for name in ("mini-sd", "mini-clip"):

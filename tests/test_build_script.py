@@ -242,3 +242,14 @@ def test_locking_the_text_tower_needs_an_earlier_clip(tmp_path):
     with pytest.raises(ValueError, match="--clip-init"):
         b.stage_clip(b.Config(clip_lock_text=1), tmp_path, tmp_path, None, [],
                      np.zeros((0, 64, 64, 3), np.uint8), torch.device("cpu"))
+
+
+def test_the_command_line_refuses_a_locked_text_tower_before_rendering_anything(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "scripts/build_mini_sd.py", "--smoke", "--clip-lock-text", "1",
+         "--out", str(tmp_path / "models"), "--work", str(tmp_path / "work")],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "give --clip-init FOLDER" in done.stderr
+    assert not (tmp_path / "work").exists()  # refused before the work folder, let alone the data
