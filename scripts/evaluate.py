@@ -3,6 +3,8 @@
     python scripts/evaluate.py                     # the full evaluation (a few minutes on 2 CPU cores)
     python scripts/evaluate.py --prompts 20 --images 50 --models /tmp/x   # quick look
     python scripts/evaluate.py --vae build/x/mini-sd/vae --no-save   # a candidate VAE, same UNet
+    python scripts/evaluate.py --scheduler pndm --steps 50 --no-save  # what a plain pipe(prompt) gives
+    python scripts/evaluate.py --partial --no-save  # captions that leave some attributes out
 
 Everything is judged from pixels by utils/judge.py, on prompts and images the models never saw
 (seeds distinct from training). Writes the numbers to <models>/mini-sd/metrics.json too.
@@ -55,6 +57,12 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--vae", type=Path, default=None,
                         help="evaluate with this VAE folder (and its scaling_factor) instead of the pipeline's own")
+    parser.add_argument("--scheduler", choices=("dpm", "pndm"), default="dpm",
+                        help="dpm: DPM-Solver++ (the evaluation's); pndm: the pipeline's own PNDM, what "
+                             "pipe(prompt) uses (its default is 50 steps)")
+    parser.add_argument("--partial", action="store_true",
+                        help="captions that leave out some of size, colour, position and background, "
+                             "each image judged on what its caption names")
     parser.add_argument("--no-save", action="store_true", help="don't write metrics.json")
     args = parser.parse_args()
     if args.vae is not None:
@@ -65,11 +73,16 @@ def main() -> None:
             parser.error("--vae evaluates a candidate VAE: add --no-save (metrics.json describes "
                          "the bundled model)")
 
+    for flag, used in (("--scheduler pndm", args.scheduler != "dpm"), ("--partial", args.partial)):
+        if used and not args.no_save:
+            parser.error(f"{flag} measures another setting than metrics.json describes: add --no-save")
+
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from transformers import CLIPModel, CLIPProcessor
 
     pipe = StableDiffusionPipeline.from_pretrained(args.models / "mini-sd", use_safetensors=True)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if args.scheduler == "dpm":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     if args.vae is not None:
         from diffusers import AutoencoderKL
 
@@ -77,13 +90,14 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     metrics: dict = {
         "setup": {
-            "scheduler": "DPMSolverMultistepScheduler (DPM-Solver++)", "steps": args.steps,
+            "scheduler": ("DPMSolverMultistepScheduler (DPM-Solver++)" if args.scheduler == "dpm"
+                          else type(pipe.scheduler).__name__), "steps": args.steps,
             "guidance_scale": args.guidance, "torch_threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         }
     }
     t0 = time.time()
-    scenes = grammar_prompts(args.prompts, seed=EVAL_SEED)
+    scenes = grammar_prompts(args.prompts, seed=EVAL_SEED, full=not args.partial)
     metrics["prompts"] = prompt_accuracy(pipe, scenes, args.steps, args.guidance, seed=EVAL_SEED,
                                          return_images=True)
     generated = metrics["prompts"].pop("images")
@@ -125,7 +139,9 @@ def main() -> None:
                 met = "yes" if value >= target else "NO"
             goal = "" if target is None else (f"{target:.1f}" if target > 1 else f"{target:.0%}")
             print(f"{name:<28}{shown:>9}{goal:>9}  {met}")
-    print(f"(n: {metrics['prompts']['n']} prompts, {metrics['vae']['n']} images; "
+    print(f"(n: {metrics['prompts']['n']} prompts ({'partial' if args.partial else 'full'} captions, "
+          f"{metrics['setup']['scheduler']}, {args.steps} steps, guidance {args.guidance}), "
+          f"{metrics['vae']['n']} images; "
           f"{metrics['setup']['seconds']} s on {metrics['setup']['machine']})")
     print("\nshape right, by size and shape (what the judge read instead):")
     for group, label in (("prompts", "generated"), ("vae", "VAE round trips")):

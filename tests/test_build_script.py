@@ -106,6 +106,16 @@ def test_smoke_build_then_evaluate(tmp_path):
     for line in ("prompts.all", "vae.psnr", "clip.colour", "clip.position", "speed.seconds_per_image"):
         assert line in evaluate.stdout
 
+    # the pipeline's own scheduler and partial captions: measured on request, never saved as the metrics
+    other = [sys.executable, "scripts/evaluate.py", "--models", str(models), "--prompts", "4",
+             "--images", "8", "--steps", "5", "--scheduler", "pndm", "--partial"]
+    refused = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "add --no-save" in refused.stderr
+    evaluate = subprocess.run(other + ["--no-save"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert "4 prompts (partial captions, PNDMScheduler, 5 steps, guidance 7.5)" in evaluate.stdout
+
 
 def _build_module():
     """scripts/build_mini_sd.py as a module (its functions are tested directly)."""
