@@ -65,6 +65,9 @@ def test_shape_by_size_splits_the_verdicts():
     rng = random.Random(3)
     scenes = [sample_scene(rng, shape=shape, size=size)
               for shape in ("star", "square") for size in ("small", "large") for _ in range(2)]
+    scenes = [replace(s, mention=(True, True, True, True)) for s in scenes]
+    # a caption that does not ask for a size is left out of the table
+    scenes.append(replace(sample_scene(rng, shape="circle", size="small"), mention=(False, True, True, True)))
     images = [render_scene(s)["image"] for s in scenes]
     # one small star drawn as a square: the table must say so, and nothing else changes
     images[0] = render_scene(replace(scenes[0], shape="square"))["image"]

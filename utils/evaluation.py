@@ -110,12 +110,13 @@ def _verdict_row(seen: list, wanted: str) -> dict:
 
 
 def shape_by_size(images, scenes: list[Scene]) -> dict[str, dict]:
-    """The judge's shape verdict on each image against its scene's shape, split by size and shape:
+    """The judge's shape verdict on each image whose caption asks for a size, against its scene's shape,
+    split by size and shape:
     {"small star": {"n": 18, "right": 0.11, "seen": {"square": 10, "triangle": 6, "star": 2}}, ...}
     ("seen" counts what the judge read, None where it found no object; "right" is None for no images)."""
     seen = [judge_image(im).get("shape") for im in images]
     return {f"{size} {shape}": _verdict_row([v for v, s in zip(seen, scenes)
-                                             if s.size == size and s.shape == shape], shape)
+                                             if s.attributes.get("size") == size and s.shape == shape], shape)
             for size in SIZES for shape in SHAPES}
 
 
