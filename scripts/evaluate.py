@@ -65,17 +65,14 @@ def main() -> None:
                              "each image judged on what its caption names")
     parser.add_argument("--no-save", action="store_true", help="don't write metrics.json")
     args = parser.parse_args()
-    if args.vae is not None:
-        if not (args.vae / "config.json").exists():
-            parser.error(f"--vae {args.vae}: no config.json there; give a folder saved by "
-                         "AutoencoderKL.save_pretrained")
-        if not args.no_save:
-            parser.error("--vae evaluates a candidate VAE: add --no-save (metrics.json describes "
-                         "the bundled model)")
-
-    for flag, used in (("--scheduler pndm", args.scheduler != "dpm"), ("--partial", args.partial)):
+    if args.vae is not None and not (args.vae / "config.json").exists():
+        parser.error(f"--vae {args.vae}: no config.json there; give a folder saved by "
+                     "AutoencoderKL.save_pretrained")
+    for flag, used in (("--vae", args.vae is not None), ("--scheduler pndm", args.scheduler != "dpm"),
+                       ("--partial", args.partial)):
         if used and not args.no_save:
-            parser.error(f"{flag} measures another setting than metrics.json describes: add --no-save")
+            parser.error(f"{flag} measures another setting than metrics.json describes (the bundled model, "
+                         "DPM-Solver++, full captions): add --no-save")
 
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from transformers import CLIPModel, CLIPProcessor
