@@ -61,7 +61,14 @@ from build_mini_sd import (  # noqa: E402
     to_model_input,
 )
 
-from utils.evaluation import depth_cases, inpainting_cases, psnr_outside, silhouette_iou  # noqa: E402
+from utils.evaluation import (  # noqa: E402
+    depth_cases,
+    inpainting_cases,
+    psnr_outside,
+    silhouette_by_shape,
+    silhouette_iou,
+    silhouette_references,
+)
 from utils.inputs import depth_to_latent_size  # noqa: E402
 from utils.masks import binarize, mask_to_latent_size, masked_image, random_mask  # noqa: E402
 from utils.toyworld import (  # noqa: E402
@@ -574,7 +581,7 @@ def evaluate_depth(pipe, n: int, steps: int = 25, guidance: float = 7.5, strengt
     from utils.seeding import make_generator
 
     cases = depth_cases(n)
-    ious, colour, depth_mae, object_mae = [], [], [], []
+    ious, colour, shapes_seen, depth_mae, object_mae = [], [], [], [], []
     processor, estimator = pipe.feature_extractor, pipe.depth_estimator
     for start in range(0, n, batch):
         chunk = cases[start : start + batch]
@@ -591,12 +598,16 @@ def evaluate_depth(pipe, n: int, steps: int = 25, guidance: float = 7.5, strengt
         on_object = torch.from_numpy(np.stack([c[1] for c in chunk])) >= 0.5
         object_mae += [e[m].mean().item() for e, m in zip(error, on_object)]
         for (_, coverage, _, wanted), result in zip(chunk, images):
+            verdict = judge_image(result)
             ious.append(silhouette_iou(coverage, result))
-            colour.append(judge_image(result).get("colour") == wanted.colour)
+            colour.append(verdict.get("colour") == wanted.colour)
+            shapes_seen.append(verdict.get("shape"))
     return {"n": n, "strength": strength, "silhouette_iou": float(np.mean(ious)),
             "silhouette_iou_min": float(np.min(ious)), "colour": float(np.mean(colour)),
             "depth_estimator_mae": float(np.mean(depth_mae)),
-            "depth_estimator_mae_object": float(np.mean(object_mae))}
+            "depth_estimator_mae_object": float(np.mean(object_mae)),
+            "by_shape": silhouette_by_shape(ious, shapes_seen, [c[3] for c in cases]),
+            "references": silhouette_references(cases)}
 
 
 def stage_evaluate(cfg: Config, out: Path, device="cpu", save: bool = True) -> dict:
@@ -634,7 +645,7 @@ def stage_evaluate(cfg: Config, out: Path, device="cpu", save: bool = True) -> d
     print(f"\n{'metric':<40}{'value':>9}{'target':>9}  met")
     for key, metrics in results.items():
         for metric, value in metrics.items():
-            if metric in ("n", "seconds", "strength"):
+            if metric in ("n", "seconds", "strength") or isinstance(value, dict):
                 continue
             name = f"{key}.{metric}"
             target = TARGETS.get(name)
@@ -643,6 +654,16 @@ def stage_evaluate(cfg: Config, out: Path, device="cpu", save: bool = True) -> d
             met = "" if target is None else ("yes" if value >= target else "NO")
             print(f"{name:<40}{shown:>9}{goal:>9}  {met}")
         print(f"({key}: n = {metrics['n']}, {metrics['seconds']} s)")
+    if "depth" in results:
+        depth = results["depth"]
+        print("\ndepth, by the input's shape: silhouette IoU, and how often the judge reads that shape")
+        for shape, row in depth["by_shape"].items():
+            if row["n"]:
+                print(f"  {shape:<10} n = {row['n']:>3}   IoU {row['silhouette_iou']:.3f}   "
+                      f"shape right {row['shape_right']:.0%}")
+        ref = depth["references"]
+        print(f"for scale (renders, no model): a perfect copy one pixel off gets IoU {ref['one_pixel_off']:.3f}, "
+              f"at a random rotation {ref['random_rotation']:.3f}")
     return results
 
 

@@ -78,7 +78,8 @@ def test_smoke_build_runs_every_stage_and_resumes(smoke):
     root, stdout = smoke
     for line in ("inpainting UNet (EMA weights) saved", "depth estimator saved",
                  "depth UNet (EMA weights) saved", "inpainting.psnr_outside", "inpainting.psnr_outside_oracle",
-                 "inpainting.colour_and_shape", "depth.silhouette_iou", "depth.colour"):
+                 "inpainting.colour_and_shape", "depth.silhouette_iou", "depth.colour",
+                 "depth, by the input's shape", "for scale (renders, no model)"):
         assert line in stdout, line
     assert not (root / "models" / "mini-sd-inpainting" / "metrics.json").exists()  # --no-save
     again = _run(root / "models", root / "work")  # every stage done: nothing is trained again
@@ -170,6 +171,34 @@ def test_evaluation_metrics_on_known_answers():
     assert evaluation.silhouette_iou(coverage, image) > 0.9
     blank = Image.new("RGB", (64, 64), (128, 128, 128))
     assert evaluation.silhouette_iou(coverage, blank) == 0.0
+
+
+def test_silhouette_references_and_breakdown():
+    """The scale for the depth IoU: a perfect copy one pixel off loses a fifth or so of IoU, a random
+    rotation more, and only shapes that look the same at every angle keep 1.0 when turned."""
+    from dataclasses import replace
+
+    from utils import evaluation
+
+    cases = evaluation.depth_cases(12)
+    ref = evaluation.silhouette_references(cases)
+    assert 0.6 < ref["one_pixel_off"] < 0.95 and 0.4 < ref["random_rotation"] < 1.0
+    assert evaluation.silhouette_references(cases) == ref  # seeded
+    circles = [(img, cov, prompt, replace(s, shape="circle")) for img, cov, prompt, s in cases]
+    circles = [(c[0], evaluation.render_scene(c[3])["mask"], c[2], c[3]) for c in circles]
+    assert evaluation.silhouette_references(circles)["random_rotation"] == 1.0
+    scenes = [c[3] for c in cases]
+    ious = [0.1 * i for i in range(len(cases))]
+    seen = [s.shape if i % 2 else None for i, s in enumerate(scenes)]
+    rows = evaluation.silhouette_by_shape(ious, seen, scenes)
+    assert sum(r["n"] for r in rows.values()) == len(cases)
+    for shape, row in rows.items():
+        mine = [i for i, s in enumerate(scenes) if s.shape == shape]
+        if mine:
+            assert row["silhouette_iou"] == pytest.approx(np.mean([ious[i] for i in mine]))
+            assert row["shape_right"] == pytest.approx(np.mean([i % 2 == 1 for i in mine]))
+        else:
+            assert row["silhouette_iou"] is None
 
 
 def test_pipelines_on_bad_input(inpaint_pipe, depth_pipe):

@@ -4,7 +4,9 @@
 - `vae_roundtrip`: PSNR of VAE reconstructions, and the judge run on those reconstructions;
 - `clip_zero_shot`: colour, shape, position and size read by CLIP from grammar prompts;
 - `shape_by_size`: the judge's shape verdicts split by size and shape (where the shape errors are);
-- `colour_by_colour`: the judge's colour verdicts split by the colour the caption asked for.
+- `colour_by_colour`: the judge's colour verdicts split by the colour the caption asked for;
+- `silhouette_iou`, `silhouette_references`: the depth model's outline against its input's, and the
+  same measure for renders that are right but for one pixel of placement or the rotation.
 """
 
 from __future__ import annotations
@@ -195,12 +197,45 @@ def psnr_outside(original, result, mask) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
-def silhouette_iou(input_coverage, result) -> float:
-    """IoU of the input's object (coverage >= 0.5) and the judge's object in the result."""
-    a = np.asarray(input_coverage) >= 0.5
-    b = object_region(result)
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = (a | b).sum()
     return float((a & b).sum() / union) if union else 1.0
+
+
+def silhouette_iou(input_coverage, result) -> float:
+    """IoU of the input's object (coverage >= 0.5) and the judge's object in the result."""
+    return _mask_iou(np.asarray(input_coverage) >= 0.5, object_region(result))
+
+
+def silhouette_references(cases, seed: int = 0) -> dict[str, float]:
+    """The scale on which to read `silhouette_iou`, from renders alone (no model): the mean IoU of
+    each case's input object against the same object rendered again, perfectly drawn but
+    (`one_pixel_off`) with its centre moved one pixel in a random direction, or (`random_rotation`)
+    at a random rotation. `cases` as from `depth_cases`; values in [0, 1]."""
+    rng = random.Random(seed)
+    shifted, rotated = [], []
+    for _, coverage, _, scene in cases:
+        a = np.asarray(coverage) >= 0.5
+        side, angle = a.shape[0], rng.uniform(0, 2 * np.pi)
+        moved = replace(scene, center=(scene.center[0] + np.cos(angle) / side,
+                                       scene.center[1] + np.sin(angle) / side))
+        turned = replace(scene, rotation=rng.uniform(0, 360))
+        shifted.append(_mask_iou(a, render_scene(moved, side)["mask"] >= 0.5))
+        rotated.append(_mask_iou(a, render_scene(turned, side)["mask"] >= 0.5))
+    return {"one_pixel_off": float(np.mean(shifted)), "random_rotation": float(np.mean(rotated))}
+
+
+def silhouette_by_shape(ious: list[float], shapes_seen: list, scenes: list[Scene]) -> dict[str, dict]:
+    """The depth evaluation split by the input's shape: {"star": {"n", "silhouette_iou",
+    "shape_right"}, ...}, where `shape_right` is how often the judge read the input's shape in the
+    output (`shapes_seen`, one verdict per case; None where it found no object)."""
+    out = {}
+    for shape in SHAPES:
+        rows = [(iou, seen == s.shape) for iou, seen, s in zip(ious, shapes_seen, scenes) if s.shape == shape]
+        out[shape] = {"n": len(rows),
+                      "silhouette_iou": float(np.mean([r[0] for r in rows])) if rows else None,
+                      "shape_right": float(np.mean([r[1] for r in rows])) if rows else None}
+    return out
 
 
 def _other(rng: random.Random, options, *avoid):
