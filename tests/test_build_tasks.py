@@ -184,8 +184,8 @@ def test_silhouette_references_and_breakdown():
     ref = evaluation.silhouette_references(cases)
     assert 0.6 < ref["one_pixel_off"] < 0.95 and 0.4 < ref["random_rotation"] < 1.0
     assert evaluation.silhouette_references(cases) == ref  # seeded
-    circles = [(img, cov, prompt, replace(s, shape="circle")) for img, cov, prompt, s in cases]
-    circles = [(c[0], evaluation.render_scene(c[3])["mask"], c[2], c[3]) for c in circles]
+    round_scenes = [replace(c[3], shape="circle") for c in cases]
+    circles = [(None, evaluation.render_scene(s)["mask"], None, s) for s in round_scenes]
     assert evaluation.silhouette_references(circles)["random_rotation"] == 1.0
     scenes = [c[3] for c in cases]
     ious = [0.1 * i for i in range(len(cases))]

@@ -5,8 +5,9 @@
 - `clip_zero_shot`: colour, shape, position and size read by CLIP from grammar prompts;
 - `shape_by_size`: the judge's shape verdicts split by size and shape (where the shape errors are);
 - `colour_by_colour`: the judge's colour verdicts split by the colour the caption asked for;
-- `silhouette_iou`, `silhouette_references`: the depth model's outline against its input's, and the
-  same measure for renders that are right but for one pixel of placement or the rotation.
+- `silhouette_iou`, `silhouette_by_shape`, `silhouette_references`: the depth model's outline
+  against its input's, split by shape, and the same measure for renders that are right but for one
+  pixel of placement or the rotation.
 """
 
 from __future__ import annotations
