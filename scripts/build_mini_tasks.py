@@ -649,8 +649,10 @@ def stage_evaluate(cfg: Config, out: Path, device="cpu", save: bool = True) -> d
                 continue
             name = f"{key}.{metric}"
             target = TARGETS.get(name)
-            shown = f"{value:.2f}" if "psnr" in metric or "mae" in metric else f"{value:.1%}"
-            goal = "" if target is None else (f"{target:.1f}" if target > 1 else f"{target:.0%}")
+            ratio = "iou" in metric  # an IoU is a ratio of areas, not a share of cases: no percent sign
+            shown = (f"{value:.2f}" if "psnr" in metric or "mae" in metric
+                     else f"{value:.3f}" if ratio else f"{value:.1%}")
+            goal = "" if target is None else (f"{target:.1f}" if target > 1 or ratio else f"{target:.0%}")
             met = "" if target is None else ("yes" if value >= target else "NO")
             print(f"{name:<40}{shown:>9}{goal:>9}  {met}")
         print(f"({key}: n = {metrics['n']}, {metrics['seconds']} s)")

@@ -81,6 +81,8 @@ def test_smoke_build_runs_every_stage_and_resumes(smoke):
                  "inpainting.colour_and_shape", "depth.silhouette_iou", "depth.colour",
                  "depth, by the input's shape", "for scale (renders, no model)"):
         assert line in stdout, line
+    iou_line = next(line for line in stdout.splitlines() if line.startswith("depth.silhouette_iou "))
+    assert "%" not in iou_line and iou_line.split()[2] == "0.8"  # a ratio against its target, not a share
     assert not (root / "models" / "mini-sd-inpainting" / "metrics.json").exists()  # --no-save
     again = _run(root / "models", root / "work")  # every stage done: nothing is trained again
     assert again.returncode == 0, again.stderr[-3000:]
