@@ -661,8 +661,9 @@ def stage_evaluate(cfg: Config, out: Path, device="cpu", save: bool = True) -> d
         print("\ndepth, by the input's shape: silhouette IoU, and how often the judge reads that shape")
         for shape, row in depth["by_shape"].items():
             if row["n"]:
+                instead = ", ".join(f"{k} {v}" for k, v in row["seen"].items() if k != shape)
                 print(f"  {shape:<10} n = {row['n']:>3}   IoU {row['silhouette_iou']:.3f}   "
-                      f"shape right {row['shape_right']:.0%}")
+                      f"shape right {row['shape_right']:.0%}" + (f"   read as: {instead}" if instead else ""))
         ref = depth["references"]
         print(f"for scale (renders, no model): a perfect copy one pixel off gets IoU {ref['one_pixel_off']:.3f}, "
               f"at a random rotation {ref['random_rotation']:.3f}")

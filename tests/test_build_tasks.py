@@ -199,6 +199,7 @@ def test_silhouette_references_and_breakdown():
         if mine:
             assert row["silhouette_iou"] == pytest.approx(np.mean([ious[i] for i in mine]))
             assert row["shape_right"] == pytest.approx(np.mean([i % 2 == 1 for i in mine]))
+            assert row["seen"].get(None, 0) == sum(i % 2 == 0 for i in mine)  # no object found
         else:
             assert row["silhouette_iou"] is None
 

@@ -228,14 +228,16 @@ def silhouette_references(cases, seed: int = 0) -> dict[str, float]:
 
 def silhouette_by_shape(ious: list[float], shapes_seen: list, scenes: list[Scene]) -> dict[str, dict]:
     """The depth evaluation split by the input's shape: {"star": {"n", "silhouette_iou",
-    "shape_right"}, ...}, where `shape_right` is how often the judge read the input's shape in the
-    output (`shapes_seen`, one verdict per case; None where it found no object)."""
+    "shape_right", "seen"}, ...}, where `shape_right` is how often the judge read the input's shape in
+    the output and "seen" counts what it read (`shapes_seen`, one verdict per case; None where it
+    found no object), as in `shape_by_size`."""
     out = {}
     for shape in SHAPES:
-        rows = [(iou, seen == s.shape) for iou, seen, s in zip(ious, shapes_seen, scenes) if s.shape == shape]
-        out[shape] = {"n": len(rows),
-                      "silhouette_iou": float(np.mean([r[0] for r in rows])) if rows else None,
-                      "shape_right": float(np.mean([r[1] for r in rows])) if rows else None}
+        mine = [i for i, s in enumerate(scenes) if s.shape == shape]
+        row = _verdict_row([shapes_seen[i] for i in mine], shape)
+        out[shape] = {"n": row["n"],
+                      "silhouette_iou": float(np.mean([ious[i] for i in mine])) if mine else None,
+                      "shape_right": row["right"], "seen": row["seen"]}
     return out
 
 
