@@ -15,7 +15,9 @@ its last checkpoint in --work):
   4. vae        an AutoencoderKL (8x per side, 4 latent channels, KL-regularised); its scaling
                 factor = 1 / std of the latents, as SD's 0.18215 was computed; with --vae-init
                 it continues an earlier VAE, and with --vae-decoder-only 1 only its decoder learns
-                (encoder, latents and scaling factor kept, so UNets trained on them still fit)
+                (encoder, latents and scaling factor kept, so UNets trained on them still fit);
+                --vae-layers 2 with an earlier VAE of 1 layer per block makes it deeper, its new
+                blocks starting as identities (load_deeper; the bundled VAE's phase 16)
   5. unet       a UNet2DConditionModel trained on the frozen CLIP text encoder's hidden states, the
                 1000-step scaled-linear schedule, v-prediction, 10% caption dropout
   6. assemble   a StableDiffusionPipeline with SD's PNDM scheduler, saved as fp16 safetensors
@@ -91,6 +93,7 @@ class Config:
     vae_kl_weight: float = 1e-6
     vae_hard_weight: float = 1.0
     vae_decoder_only: int = 0
+    vae_layers: int = 1
     unet_channels: tuple = (64, 128, 128)
     unet_steps: int = 4_500
     unet_batch: int = 128
@@ -435,7 +438,7 @@ def vae_model(cfg: Config):
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1, norm_num_groups=16,
+        block_out_channels=tuple(cfg.vae_channels), layers_per_block=cfg.vae_layers, norm_num_groups=16,
         sample_size=IMAGE_SIZE,
     )
 
@@ -447,6 +450,33 @@ def edge_weight(x: torch.Tensor) -> torch.Tensor:
     dy = F.pad((gray[..., 1:, :] - gray[..., :-1, :]).abs(), (0, 0, 0, 1))
     edges = ((dx + dy) > 0.05).float()
     return 1 + 4 * F.max_pool2d(edges, 3, stride=1, padding=1)
+
+
+def load_deeper(vae, earlier) -> list[str]:
+    """Load `earlier`'s weights into `vae`, an AutoencoderKL with more ResNet blocks per level
+    (`layers_per_block`) and otherwise the same shape. Every block `earlier` lacks is appended after
+    its blocks at that level and starts as an exact identity (its convolutions zeroed: the block adds
+    0 to its input), so `vae` computes what `earlier` did, bit for bit, until it trains: the
+    encoder's new blocks then stay identities while it is frozen (--vae-decoder-only 1), so the
+    latents and every UNet trained on them stay valid, and the decoder's new blocks are its added
+    depth. Returns the names of the new blocks."""
+    ours, theirs = vae.state_dict(), earlier.state_dict()
+    misfits = [k for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape]
+    if misfits:
+        raise ValueError(f"the earlier VAE has weights this one lacks or shapes otherwise: {misfits[:3]}; "
+                         "only layers_per_block may differ (keep --vae-channels)")
+    missing = vae.load_state_dict(theirs, strict=False).missing_keys
+    new = sorted({name.rsplit(".", 2)[0] for name in missing})
+    modules = dict(vae.named_modules())
+    for name in new:
+        block = modules[name]
+        if not name.split(".")[-1].isdigit() or block.in_channels != block.out_channels:
+            raise ValueError(f"{name}: only same-width ResNet blocks can start as identities")
+        with torch.no_grad():
+            for conv in ((block.conv1, block.conv2) if name.startswith("encoder") else (block.conv2,)):
+                conv.weight.zero_()
+                conv.bias.zero_()
+    return new
 
 
 def vae_sample_weights(scenes, hard: float) -> np.ndarray:
@@ -468,8 +498,12 @@ def stage_vae(cfg: Config, out: Path, work: Path, scenes, images, device, init: 
     torch.manual_seed(cfg.seed)
     vae = vae_model(cfg)
     if init is not None:  # continue training an earlier VAE (a fresh optimizer)
-        earlier = AutoencoderKL.from_pretrained(init)
-        vae.load_state_dict(earlier.float().state_dict())
+        earlier = AutoencoderKL.from_pretrained(init).float()
+        if earlier.config.layers_per_block < cfg.vae_layers:  # a deeper decoder, same encoder
+            new = load_deeper(vae, earlier)
+            log(f"vae: {len(new)} ResNet blocks added as identities ({', '.join(new[:2])}, ...)")
+        else:
+            vae.load_state_dict(earlier.state_dict())
         vae.register_to_config(scaling_factor=earlier.config.scaling_factor)
         log(f"vae: starting from the weights in {init}")
     elif cfg.vae_decoder_only:

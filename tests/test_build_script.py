@@ -245,6 +245,37 @@ def test_decoder_only_vae_training_needs_an_earlier_vae(tmp_path):
                     torch.device("cpu"))
 
 
+def test_a_deeper_vae_starts_as_the_earlier_one_and_keeps_its_encoder_while_the_decoder_learns():
+    import torch
+
+    b = _build_module()
+    torch.manual_seed(0)
+    small = dict(vae_channels=(16, 32))
+    earlier = b.vae_model(b.Config(**small)).eval()
+    deeper = b.vae_model(b.Config(**small, vae_layers=2)).eval()
+    new = b.load_deeper(deeper, earlier)
+    assert new == ["decoder.up_blocks.0.resnets.2", "decoder.up_blocks.1.resnets.2",
+                   "encoder.down_blocks.0.resnets.1", "encoder.down_blocks.1.resnets.1"]
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents = earlier.encode(x).latent_dist.mean
+        assert torch.equal(deeper.encode(x).latent_dist.mean, latents)
+        assert torch.allclose(deeper.decode(latents).sample, earlier.decode(latents).sample, atol=1e-5)
+    # one decoder-only step: the encoder (new identity blocks included) does not move, the decoder does
+    for part in (deeper.encoder, deeper.quant_conv):
+        part.requires_grad_(False)
+    decoder_before = deeper.decoder.up_blocks[0].resnets[2].conv2.weight.clone()
+    optimizer = torch.optim.SGD([p for p in deeper.parameters() if p.requires_grad], lr=0.1)
+    deeper.decode(deeper.encode(x).latent_dist.sample()).sample.sub(x).pow(2).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.equal(deeper.encode(x).latent_dist.mean, latents)
+    assert not torch.equal(deeper.decoder.up_blocks[0].resnets[2].conv2.weight, decoder_before)
+    # a VAE of other widths is refused with a message, not a size-mismatch trace from torch
+    with pytest.raises(ValueError, match="only layers_per_block may differ"):
+        b.load_deeper(b.vae_model(b.Config(vae_channels=(16,), vae_layers=2)), earlier)
+
+
 def test_locking_the_text_tower_needs_an_earlier_clip(tmp_path):
     import torch
 
