@@ -456,7 +456,8 @@ def load_deeper(vae, earlier) -> list[str]:
     """Load `earlier`'s weights into `vae`, an AutoencoderKL with more ResNet blocks per level
     (`layers_per_block`) and otherwise the same shape. Every block `earlier` lacks is appended after
     its blocks at that level and starts as an exact identity (its convolutions zeroed: the block adds
-    0 to its input), so `vae` computes what `earlier` did, bit for bit, until it trains: the
+    0 to its input), so `vae` computes what `earlier` did (the encoder bit for bit, the decoder up to
+    float rounding) until it trains: the
     encoder's new blocks then stay identities while it is frozen (--vae-decoder-only 1), so the
     latents and every UNet trained on them stay valid, and the decoder's new blocks are its added
     depth. Returns the names of the new blocks."""
@@ -499,6 +500,9 @@ def stage_vae(cfg: Config, out: Path, work: Path, scenes, images, device, init: 
     vae = vae_model(cfg)
     if init is not None:  # continue training an earlier VAE (a fresh optimizer)
         earlier = AutoencoderKL.from_pretrained(init).float()
+        if earlier.config.layers_per_block > cfg.vae_layers:
+            raise ValueError(f"--vae-init {init} has {earlier.config.layers_per_block} layers per block: "
+                             f"pass --vae-layers {earlier.config.layers_per_block} (or more) to continue it")
         if earlier.config.layers_per_block < cfg.vae_layers:  # a deeper decoder, same encoder
             new = load_deeper(vae, earlier)
             log(f"vae: {len(new)} ResNet blocks added as identities ({', '.join(new[:2])}, ...)")

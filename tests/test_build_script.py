@@ -276,6 +276,17 @@ def test_a_deeper_vae_starts_as_the_earlier_one_and_keeps_its_encoder_while_the_
         b.load_deeper(b.vae_model(b.Config(vae_channels=(16,), vae_layers=2)), earlier)
 
 
+def test_continuing_a_deeper_vae_without_vae_layers_says_which_to_pass(tmp_path):
+    import torch
+
+    b = _build_module()
+    deeper = b.vae_model(b.Config(vae_channels=(16, 32), vae_layers=2))
+    deeper.save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match="pass --vae-layers 2"):
+        b.stage_vae(b.Config(vae_channels=(16, 32), vae_decoder_only=1), tmp_path / "out", tmp_path, [],
+                    np.zeros((0, 64, 64, 3), np.uint8), torch.device("cpu"), init=tmp_path / "vae")
+
+
 def test_locking_the_text_tower_needs_an_earlier_clip(tmp_path):
     import torch
 
