@@ -89,7 +89,7 @@ def test_smoke_build_then_evaluate(tmp_path):
 
     # the candidate VAE is evaluated with the first build's UNet; never written over its metrics
     candidate = [sys.executable, "scripts/evaluate.py", "--models", str(models), "--prompts", "2",
-                 "--images", "8", "--vae", str(more / "mini-sd" / "vae")]
+                 "--images", "8", "--vae-more", "0", "--vae", str(more / "mini-sd" / "vae")]
     refused = subprocess.run(candidate, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "add --no-save" in refused.stderr
     checked = subprocess.run(candidate + ["--no-save"], cwd=ROOT, env=env, capture_output=True,
@@ -99,22 +99,24 @@ def test_smoke_build_then_evaluate(tmp_path):
 
     evaluate = subprocess.run(
         [sys.executable, "scripts/evaluate.py", "--models", str(models), "--prompts", "4",
-         "--images", "20", "--no-save"],
+         "--images", "20", "--vae-more", "12", "--no-save"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    for line in ("prompts.all", "vae.psnr", "clip.colour", "clip.position", "speed.seconds_per_image"):
+    for line in ("prompts.all", "vae.psnr", "vae_more.psnr", "vae_more.shape", "clip.colour", "clip.position",
+                 "speed.seconds_per_image", "(vae_more: 12 more, another seed)"):
         assert line in evaluate.stdout
 
     # the pipeline's own scheduler and partial captions: measured on request, never saved as the metrics
     other = [sys.executable, "scripts/evaluate.py", "--models", str(models), "--prompts", "4",
-             "--images", "8", "--steps", "5", "--scheduler", "pndm", "--partial"]
+             "--images", "8", "--vae-more", "0", "--steps", "5", "--scheduler", "pndm", "--partial"]
     refused = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "add --no-save" in refused.stderr
     evaluate = subprocess.run(other + ["--no-save"], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert "4 prompts (partial captions, PNDMScheduler, 5 steps, guidance 7.5)" in evaluate.stdout
+    assert "vae_more" not in evaluate.stdout
 
 
 def _build_module():
