@@ -98,6 +98,7 @@ class Config:
     unet_steps: int = 4_500
     unet_batch: int = 128
     unet_lr: float = 4e-4
+    unet_small_weight: float = 1.0
     caption_dropout: float = 0.1
     mention_prob: float = 0.75
     prediction_type: str = "v_prediction"
@@ -490,6 +491,14 @@ def vae_sample_weights(scenes, hard: float) -> np.ndarray:
     return weights / weights.sum()
 
 
+def unet_sample_weights(scenes, small: float) -> np.ndarray:
+    """Sampling probabilities of the training scenes for the UNet: small shapes `small` times as
+    likely as large ones (the generated shapes that come out wrong are mostly small ones);
+    `small` = 1 is uniform sampling."""
+    weights = np.where(np.array([s.size == "small" for s in scenes]), small, 1.0)
+    return weights / weights.sum()
+
+
 def stage_vae(cfg: Config, out: Path, work: Path, scenes, images, device, init: Path | None = None):
     from diffusers import AutoencoderKL
 
@@ -606,8 +615,13 @@ def stage_unet(cfg: Config, out: Path, work: Path, tokenizer, clip, vae, scenes,
     rng = random.Random(cfg.seed + 3)
     gen = torch.Generator(device).manual_seed(cfg.seed + 3)
 
+    cum_weights = np.cumsum(unet_sample_weights(scenes[:n_train], cfg.unet_small_weight)).tolist()
+
     def loss_fn(step):
-        idx = [rng.randrange(n_train) for _ in range(cfg.unet_batch)]
+        if cfg.unet_small_weight == 1:  # uniform: the earlier phases' draws, unchanged
+            idx = [rng.randrange(n_train) for _ in range(cfg.unet_batch)]
+        else:
+            idx = rng.choices(range(n_train), cum_weights=cum_weights, k=cfg.unet_batch)
         captions = [
             "" if rng.random() < cfg.caption_dropout
             else random_caption(scenes[i], rng, cfg.mention_prob)

@@ -238,6 +238,21 @@ def test_vae_sampling_weights_favour_small_pointed_shapes():
     assert np.allclose(weights / weights[3], [3.0, 3.0, 2.0, 1.0])
 
 
+def test_unet_sample_weights_favour_small_shapes_and_default_to_uniform():
+    import random
+
+    from utils.toyworld import sample_scene
+
+    b = _build_module()
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, shape=shape, size=size)
+              for shape, size in [("star", "small"), ("circle", "small"), ("square", "large"), ("star", "large")]]
+    assert np.allclose(b.unet_sample_weights(scenes, 1.0), 0.25)
+    weights = b.unet_sample_weights(scenes, 2.0)
+    assert np.isclose(weights.sum(), 1.0)
+    assert np.allclose(weights / weights[3], [2.0, 2.0, 1.0, 1.0])
+
+
 def test_decoder_only_vae_training_needs_an_earlier_vae(tmp_path):
     import torch
 
