@@ -223,34 +223,23 @@ def test_vision_warmup_reads_every_attribute_from_the_pooled_state():
     assert warm.vision_model is clip.vision_model
 
 
-def test_vae_sampling_weights_favour_small_pointed_shapes():
+@pytest.mark.parametrize("which, weight, expected", [
+    ("vae", 3.0, [3.0, 3.0, 2.0, 1.0]),   # small pointed shapes 3x, other small shapes half-way
+    ("unet", 2.0, [2.0, 2.0, 2.0, 1.0]),  # every small shape 2x
+])
+def test_sampling_weights_favour_small_shapes_and_default_to_uniform(which, weight, expected):
     import random
 
     from utils.toyworld import sample_scene
 
-    b = _build_module()
+    weights_of = getattr(_build_module(), f"{which}_sample_weights")
     rng = random.Random(0)
     scenes = [sample_scene(rng, shape=shape, size=size)
               for shape, size in [("star", "small"), ("triangle", "small"), ("circle", "small"), ("star", "large")]]
-    assert np.allclose(b.vae_sample_weights(scenes, 1.0), 0.25)
-    weights = b.vae_sample_weights(scenes, 3.0)
+    assert np.allclose(weights_of(scenes, 1.0), 0.25)
+    weights = weights_of(scenes, weight)
     assert np.isclose(weights.sum(), 1.0)
-    assert np.allclose(weights / weights[3], [3.0, 3.0, 2.0, 1.0])
-
-
-def test_unet_sample_weights_favour_small_shapes_and_default_to_uniform():
-    import random
-
-    from utils.toyworld import sample_scene
-
-    b = _build_module()
-    rng = random.Random(0)
-    scenes = [sample_scene(rng, shape=shape, size=size)
-              for shape, size in [("star", "small"), ("circle", "small"), ("square", "large"), ("star", "large")]]
-    assert np.allclose(b.unet_sample_weights(scenes, 1.0), 0.25)
-    weights = b.unet_sample_weights(scenes, 2.0)
-    assert np.isclose(weights.sum(), 1.0)
-    assert np.allclose(weights / weights[3], [2.0, 2.0, 1.0, 1.0])
+    assert np.allclose(weights / weights[3], expected)
 
 
 def test_decoder_only_vae_training_needs_an_earlier_vae(tmp_path):
