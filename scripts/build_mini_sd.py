@@ -16,8 +16,8 @@ its last checkpoint in --work):
                 factor = 1 / std of the latents, as SD's 0.18215 was computed; with --vae-init
                 it continues an earlier VAE, and with --vae-decoder-only 1 only its decoder learns
                 (encoder, latents and scaling factor kept, so UNets trained on them still fit);
-                --vae-layers 2 with an earlier VAE of 1 layer per block makes it deeper, its new
-                blocks starting as identities (load_deeper; the bundled VAE's phase 16)
+                --vae-layers N with an earlier VAE of fewer layers per block makes it deeper, its
+                new blocks starting as identities (load_deeper; the bundled VAE's phases 16 and 18)
   5. unet       a UNet2DConditionModel trained on the frozen CLIP text encoder's hidden states, the
                 1000-step scaled-linear schedule, v-prediction, 10% caption dropout
   6. assemble   a StableDiffusionPipeline with SD's PNDM scheduler, saved as fp16 safetensors

@@ -282,6 +282,25 @@ def test_a_deeper_vae_starts_as_the_earlier_one_and_keeps_its_encoder_while_the_
         b.load_deeper(b.vae_model(b.Config(vae_channels=(16,), vae_layers=2)), earlier)
 
 
+def test_a_vae_of_two_layers_per_block_grows_to_three_as_the_same_function():
+    """Phase 18's step (2 -> 3 layers per block): the third blocks start as identities too."""
+    import torch
+
+    b = _build_module()
+    torch.manual_seed(1)
+    small = dict(vae_channels=(16, 32))
+    earlier = b.vae_model(b.Config(**small, vae_layers=2)).eval()
+    deeper = b.vae_model(b.Config(**small, vae_layers=3)).eval()
+    assert b.load_deeper(deeper, earlier) == [
+        "decoder.up_blocks.0.resnets.3", "decoder.up_blocks.1.resnets.3",
+        "encoder.down_blocks.0.resnets.2", "encoder.down_blocks.1.resnets.2"]
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents = earlier.encode(x).latent_dist.mean
+        assert torch.equal(deeper.encode(x).latent_dist.mean, latents)
+        assert torch.allclose(deeper.decode(latents).sample, earlier.decode(latents).sample, atol=1e-5)
+
+
 def test_continuing_a_deeper_vae_without_vae_layers_says_which_to_pass(tmp_path):
     import torch
 
