@@ -251,6 +251,18 @@ def test_decoder_only_vae_training_needs_an_earlier_vae(tmp_path):
                     torch.device("cpu"))
 
 
+def _assert_same_function(deeper, earlier):
+    """The deeper VAE encodes bit for bit as the earlier one and decodes to 1e-5; returns (x, latents)."""
+    import torch
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents = earlier.encode(x).latent_dist.mean
+        assert torch.equal(deeper.encode(x).latent_dist.mean, latents)
+        assert torch.allclose(deeper.decode(latents).sample, earlier.decode(latents).sample, atol=1e-5)
+    return x, latents
+
+
 def test_a_deeper_vae_starts_as_the_earlier_one_and_keeps_its_encoder_while_the_decoder_learns():
     import torch
 
@@ -262,11 +274,7 @@ def test_a_deeper_vae_starts_as_the_earlier_one_and_keeps_its_encoder_while_the_
     new = b.load_deeper(deeper, earlier)
     assert new == ["decoder.up_blocks.0.resnets.2", "decoder.up_blocks.1.resnets.2",
                    "encoder.down_blocks.0.resnets.1", "encoder.down_blocks.1.resnets.1"]
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    with torch.no_grad():
-        latents = earlier.encode(x).latent_dist.mean
-        assert torch.equal(deeper.encode(x).latent_dist.mean, latents)
-        assert torch.allclose(deeper.decode(latents).sample, earlier.decode(latents).sample, atol=1e-5)
+    x, latents = _assert_same_function(deeper, earlier)
     # one decoder-only step: the encoder (new identity blocks included) does not move, the decoder does
     for part in (deeper.encoder, deeper.quant_conv):
         part.requires_grad_(False)
@@ -294,11 +302,7 @@ def test_a_vae_of_two_layers_per_block_grows_to_three_as_the_same_function():
     assert b.load_deeper(deeper, earlier) == [
         "decoder.up_blocks.0.resnets.3", "decoder.up_blocks.1.resnets.3",
         "encoder.down_blocks.0.resnets.2", "encoder.down_blocks.1.resnets.2"]
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    with torch.no_grad():
-        latents = earlier.encode(x).latent_dist.mean
-        assert torch.equal(deeper.encode(x).latent_dist.mean, latents)
-        assert torch.allclose(deeper.decode(latents).sample, earlier.decode(latents).sample, atol=1e-5)
+    _assert_same_function(deeper, earlier)
 
 
 def test_continuing_a_deeper_vae_without_vae_layers_says_which_to_pass(tmp_path):
