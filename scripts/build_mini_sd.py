@@ -19,7 +19,9 @@ its last checkpoint in --work):
                 --vae-layers N with an earlier VAE of fewer layers per block makes it deeper, its
                 new blocks starting as identities (load_deeper; the bundled VAE's phases 16 and 18)
   5. unet       a UNet2DConditionModel trained on the frozen CLIP text encoder's hidden states, the
-                1000-step scaled-linear schedule, v-prediction, 10% caption dropout
+                1000-step scaled-linear schedule, v-prediction, 10% caption dropout; with --unet-init
+                it continues an earlier UNet, and --unet-layers N with one of fewer layers per block
+                makes it deeper, its new layers starting as identities (load_deeper_unet)
   6. assemble   a StableDiffusionPipeline with SD's PNDM scheduler, saved as fp16 safetensors
 
 Runs on CUDA when there is one (bf16 autocast, larger batches), else on the CPU.
@@ -95,6 +97,7 @@ class Config:
     vae_decoder_only: int = 0
     vae_layers: int = 1
     unet_channels: tuple = (64, 128, 128)
+    unet_layers: int = 1
     unet_steps: int = 4_500
     unet_batch: int = 128
     unet_lr: float = 4e-4
@@ -570,11 +573,64 @@ def unet_model(cfg: Config):
     n = len(cfg.unet_channels)
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4,
-        block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
+        block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=cfg.text_hidden, attention_head_dim=8, norm_num_groups=32,
     )
+
+
+def load_deeper_unet(unet, earlier) -> list[str]:
+    """Load `earlier`'s weights into `unet`, a UNet2DConditionModel with more layers per block
+    (`layers_per_block`; a layer is a ResNet block, with its cross-attention in a CrossAttn block) and
+    otherwise the same shape, so that `unet` computes what `earlier` did (up to float rounding) until it
+    trains; its added layers are the capacity that training then fills. Returns the new layers' names.
+
+    Down blocks: the new layers come after the old ones at each level, as identities (each ResNet's
+    second convolution and each attention's `proj_out` zeroed: they add 0 to their input), so each of
+    them hands the up path a skip equal to the old last layer's. Up blocks: layer k takes the skip
+    of down layer (n - 1 - k) (diffusers pops the skips in reverse), so the old first layer stays
+    first, the new ones come right after it, and the old later layers move down by as many, each
+    still meeting the skip it was trained on. A new up layer's input is [hidden, skip]: its 1x1
+    shortcut starts as [I | 0] (pass the hidden states, ignore the skip) and its second convolution
+    at zero."""
+    old_n = earlier.config.layers_per_block
+    add = unet.config.layers_per_block - old_n
+    if add < 1:
+        raise ValueError(f"load_deeper_unet needs more layers per block than the earlier UNet's {old_n}")
+
+    def renamed(key: str) -> str:
+        parts = key.split(".")
+        if parts[0] == "up_blocks" and parts[2] in ("resnets", "attentions") and int(parts[3]) >= 1:
+            parts[3] = str(int(parts[3]) + add)  # old up layer i >= 1 -> i + add
+        return ".".join(parts)
+
+    theirs = {renamed(k): v for k, v in earlier.state_dict().items()}
+    ours = unet.state_dict()
+    misfits = [k for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape]
+    if misfits:
+        raise ValueError(f"the earlier UNet has weights this one lacks or shapes otherwise: {misfits[:3]}; "
+                         "only layers_per_block may differ (keep --unet-channels)")
+    missing = unet.load_state_dict(theirs, strict=False).missing_keys
+    new = sorted({".".join(k.split(".")[:4]) for k in missing})
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for name in new:
+            layer = modules[name]
+            if name.split(".")[2] == "attentions":
+                layer.proj_out.weight.zero_()
+                layer.proj_out.bias.zero_()
+                continue
+            layer.conv2.weight.zero_()
+            layer.conv2.bias.zero_()
+            if layer.conv_shortcut is not None:  # an up layer: [hidden, skip] -> hidden
+                out = layer.conv_shortcut.out_channels
+                if layer.conv_shortcut.in_channels < out or layer.conv_shortcut.kernel_size != (1, 1):
+                    raise ValueError(f"{name}: cannot start as an identity")
+                layer.conv_shortcut.weight.zero_()
+                layer.conv_shortcut.weight[:, :out, 0, 0] = torch.eye(out)
+                layer.conv_shortcut.bias.zero_()
+    return new
 
 
 def text_encoder_from_clip(clip):
@@ -607,7 +663,15 @@ def stage_unet(cfg: Config, out: Path, work: Path, tokenizer, clip, vae, scenes,
     torch.manual_seed(cfg.seed)
     unet = unet_model(cfg)
     if init is not None:  # continue training an earlier UNet (weights only: a fresh optimizer)
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init).float().state_dict())
+        earlier = UNet2DConditionModel.from_pretrained(init).float()
+        if earlier.config.layers_per_block > cfg.unet_layers:
+            raise ValueError(f"--unet-init {init} has {earlier.config.layers_per_block} layers per block: "
+                             f"pass --unet-layers {earlier.config.layers_per_block} (or more) to continue it")
+        if earlier.config.layers_per_block < cfg.unet_layers:  # a deeper UNet, the same function
+            new = load_deeper_unet(unet, earlier)
+            log(f"unet: {len(new)} layers added as identities ({', '.join(new[:2])}, ...)")
+        else:
+            unet.load_state_dict(earlier.state_dict())
         log(f"unet: starting from the weights in {init}")
     unet = unet.to(device).train()
     ema = [p.detach().clone() for p in unet.parameters()]

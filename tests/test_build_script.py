@@ -316,6 +316,42 @@ def test_continuing_a_deeper_vae_without_vae_layers_says_which_to_pass(tmp_path)
                     np.zeros((0, 64, 64, 3), np.uint8), torch.device("cpu"), init=tmp_path / "vae")
 
 
+
+@pytest.mark.parametrize("layers", [(1, 2), (2, 3), (1, 3)])
+def test_a_deeper_unet_starts_as_the_earlier_one_and_its_new_layers_learn(layers):
+    """The UNet's growth (load_deeper_unet): the same noise prediction until it trains, every new
+    layer in place (the old up layers each still meet the skip they were trained on), and a step of
+    training reaches the new layers."""
+    import torch
+
+    b = _build_module()
+    torch.manual_seed(2)
+    small = dict(unet_channels=(32, 64), text_hidden=32)
+    earlier = b.unet_model(b.Config(**small, unet_layers=layers[0])).eval()
+    deeper = b.unet_model(b.Config(**small, unet_layers=layers[1])).eval()
+    new = b.load_deeper_unet(deeper, earlier)
+    add = layers[1] - layers[0]
+    assert new == sorted(
+        [f"down_blocks.0.{kind}.{i}" for kind in ("attentions", "resnets") for i in range(layers[0], layers[1])]
+        + [f"down_blocks.1.resnets.{i}" for i in range(layers[0], layers[1])]
+        + [f"up_blocks.0.resnets.{i}" for i in range(1, 1 + add)]
+        + [f"up_blocks.1.{kind}.{i}" for kind in ("attentions", "resnets") for i in range(1, 1 + add)])
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        before = earlier(x, t, text).sample
+        assert before.abs().mean() > 0.05  # the check below compares something
+        assert torch.allclose(deeper(x, t, text).sample, before, atol=1e-5)
+    deeper.train()
+    conv2 = deeper.up_blocks[1].resnets[1].conv2.weight
+    assert not conv2.any()
+    optimizer = torch.optim.SGD(deeper.parameters(), lr=0.1)
+    deeper(x, t, text).sample.pow(2).mean().backward()
+    optimizer.step()
+    assert conv2.any()
+    with pytest.raises(ValueError, match="only layers_per_block may differ"):
+        b.load_deeper_unet(b.unet_model(b.Config(unet_channels=(32, 32), text_hidden=32, unet_layers=3)), earlier)
+
 def test_locking_the_text_tower_needs_an_earlier_clip(tmp_path):
     import torch
 
