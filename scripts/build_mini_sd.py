@@ -648,6 +648,10 @@ def stage_unet(cfg: Config, out: Path, work: Path, tokenizer, clip, vae, scenes,
     target = out / "mini-sd" / "unet"
     if (target / "diffusion_pytorch_model.safetensors").exists():
         return UNet2DConditionModel.from_pretrained(target)
+    init_layers = None if init is None else UNet2DConditionModel.load_config(init)["layers_per_block"]
+    if init_layers is not None and init_layers > cfg.unet_layers:  # before minutes of encoding
+        raise ValueError(f"--unet-init {init} has {init_layers} layers per block: "
+                         f"pass --unet-layers {init_layers} (or more) to continue it")
     text_encoder = text_encoder_from_clip(clip).to(device).requires_grad_(False)
     vae = vae.to(device).requires_grad_(False)
     n_train = len(images) - min(1000, len(images) // 8)
@@ -664,10 +668,7 @@ def stage_unet(cfg: Config, out: Path, work: Path, tokenizer, clip, vae, scenes,
     unet = unet_model(cfg)
     if init is not None:  # continue training an earlier UNet (weights only: a fresh optimizer)
         earlier = UNet2DConditionModel.from_pretrained(init).float()
-        if earlier.config.layers_per_block > cfg.unet_layers:
-            raise ValueError(f"--unet-init {init} has {earlier.config.layers_per_block} layers per block: "
-                             f"pass --unet-layers {earlier.config.layers_per_block} (or more) to continue it")
-        if earlier.config.layers_per_block < cfg.unet_layers:  # a deeper UNet, the same function
+        if init_layers < cfg.unet_layers:  # a deeper UNet, the same function
             new = load_deeper_unet(unet, earlier)
             log(f"unet: {len(new)} layers added as identities ({', '.join(new[:2])}, ...)")
         else:

@@ -316,7 +316,6 @@ def test_continuing_a_deeper_vae_without_vae_layers_says_which_to_pass(tmp_path)
                     np.zeros((0, 64, 64, 3), np.uint8), torch.device("cpu"), init=tmp_path / "vae")
 
 
-
 @pytest.mark.parametrize("layers", [(1, 2), (2, 3), (1, 3)])
 def test_a_deeper_unet_starts_as_the_earlier_one_and_its_new_layers_learn(layers):
     """The UNet's growth (load_deeper_unet): the same noise prediction until it trains, every new
@@ -351,6 +350,17 @@ def test_a_deeper_unet_starts_as_the_earlier_one_and_its_new_layers_learn(layers
     assert conv2.any()
     with pytest.raises(ValueError, match="only layers_per_block may differ"):
         b.load_deeper_unet(b.unet_model(b.Config(unet_channels=(32, 32), text_hidden=32, unet_layers=3)), earlier)
+
+
+def test_continuing_a_deeper_unet_without_unet_layers_says_which_to_pass(tmp_path):
+    import torch
+
+    b = _build_module()
+    b.unet_model(b.Config(unet_channels=(32, 64), text_hidden=32, unet_layers=2)).save_pretrained(tmp_path / "unet")
+    with pytest.raises(ValueError, match="pass --unet-layers 2"):  # before any encoding: no CLIP, no VAE needed
+        b.stage_unet(b.Config(unet_channels=(32, 64), text_hidden=32), tmp_path / "out", tmp_path, None, None, None,
+                     [], np.zeros((0, 64, 64, 3), np.uint8), torch.device("cpu"), init=tmp_path / "unet")
+
 
 def test_locking_the_text_tower_needs_an_earlier_clip(tmp_path):
     import torch
