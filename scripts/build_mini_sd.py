@@ -456,6 +456,17 @@ def edge_weight(x: torch.Tensor) -> torch.Tensor:
     return 1 + 4 * F.max_pool2d(edges, 3, stride=1, padding=1)
 
 
+def load_into_deeper(model, theirs: dict, what: str, keep: str) -> list[str]:
+    """Load the state dict `theirs` of an earlier, shallower model into `model`; every weight of theirs
+    must fit one of `model`'s exactly. Returns `model`'s weights it did not hold (its new layers')."""
+    ours = model.state_dict()
+    misfits = [k for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape]
+    if misfits:
+        raise ValueError(f"the earlier {what} has weights this one lacks or shapes otherwise: {misfits[:3]}; "
+                         f"only layers_per_block may differ (keep {keep})")
+    return model.load_state_dict(theirs, strict=False).missing_keys
+
+
 def load_deeper(vae, earlier) -> list[str]:
     """Load `earlier`'s weights into `vae`, an AutoencoderKL with more ResNet blocks per level
     (`layers_per_block`) and otherwise the same shape. Every block `earlier` lacks is appended after
@@ -465,12 +476,7 @@ def load_deeper(vae, earlier) -> list[str]:
     encoder's new blocks then stay identities while it is frozen (--vae-decoder-only 1), so the
     latents and every UNet trained on them stay valid, and the decoder's new blocks are its added
     depth. Returns the names of the new blocks."""
-    ours, theirs = vae.state_dict(), earlier.state_dict()
-    misfits = [k for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape]
-    if misfits:
-        raise ValueError(f"the earlier VAE has weights this one lacks or shapes otherwise: {misfits[:3]}; "
-                         "only layers_per_block may differ (keep --vae-channels)")
-    missing = vae.load_state_dict(theirs, strict=False).missing_keys
+    missing = load_into_deeper(vae, earlier.state_dict(), "VAE", "--vae-channels")
     new = sorted({name.rsplit(".", 2)[0] for name in missing})
     modules = dict(vae.named_modules())
     for name in new:
@@ -606,12 +612,7 @@ def load_deeper_unet(unet, earlier) -> list[str]:
         return ".".join(parts)
 
     theirs = {renamed(k): v for k, v in earlier.state_dict().items()}
-    ours = unet.state_dict()
-    misfits = [k for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape]
-    if misfits:
-        raise ValueError(f"the earlier UNet has weights this one lacks or shapes otherwise: {misfits[:3]}; "
-                         "only layers_per_block may differ (keep --unet-channels)")
-    missing = unet.load_state_dict(theirs, strict=False).missing_keys
+    missing = load_into_deeper(unet, theirs, "UNet", "--unet-channels")
     new = sorted({".".join(k.split(".")[:4]) for k in missing})
     modules = dict(unet.named_modules())
     with torch.no_grad():
