@@ -242,6 +242,41 @@ def test_sampling_weights_favour_small_shapes_and_default_to_uniform(which, weig
     assert np.allclose(weights / weights[3], expected)
 
 
+def test_object_weights_cover_the_latent_cells_the_shape_is_drawn_in():
+    from utils.toyworld import make_scenes, render_scene
+
+    build = _build_module()
+    scenes = make_scenes(200, seed=5)
+    weights = build.object_weight_map(scenes, 4.0, 8)
+    assert weights.shape == (200, 1, 8, 8) and set(weights.unique().tolist()) == {1.0, 4.0}
+    for scene, w in zip(scenes, weights[:, 0].numpy()):
+        drawn = (render_scene(scene)["mask"] > 0.5).reshape(8, 8, 8, 8).any(axis=(1, 3))
+        assert (w[drawn] == 4.0).all(), scene.caption  # every cell holding the shape is weighted
+        rows, cols = np.nonzero(w == 4.0)  # and nothing outside the square around its disc
+        reach = scene.diameter / 2 * 8 + 0.5
+        assert (abs(cols + 0.5 - scene.center[0] * 8) < reach).all(), scene.caption
+        assert (abs(rows + 0.5 - scene.center[1] * 8) < reach).all(), scene.caption
+    small = [(w == 4.0).sum() for s, w in zip(scenes, weights) if s.size == "small"]
+    assert 3 <= min(small) and max(small) <= 16
+
+
+def test_the_object_weighted_loss_is_the_plain_mean_at_weight_one_and_favours_the_object():
+    import torch
+    import torch.nn.functional as F
+
+    build = _build_module()
+    pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.allclose(build.weighted_mse(pred, target, None), F.mse_loss(pred, target))
+    assert torch.allclose(build.weighted_mse(pred, target, torch.ones(2, 1, 8, 8)), F.mse_loss(pred, target))
+    weights = torch.ones(2, 1, 8, 8)
+    weights[:, :, :2, :2] = 5.0
+    error = torch.zeros(2, 4, 8, 8)
+    error[:, :, 0, 0] = 1.0  # one latent cell wrong, inside the weighted corner
+    expected = (5.0 * 2 * 4) / (weights.sum() * 4)
+    assert torch.isclose(build.weighted_mse(error, torch.zeros_like(error), weights), expected)
+    assert build.weighted_mse(error, torch.zeros_like(error), weights) > F.mse_loss(error, torch.zeros_like(error))
+
+
 def test_decoder_only_vae_training_needs_an_earlier_vae(tmp_path):
     import torch
 
