@@ -24,7 +24,8 @@ its last checkpoint in --work):
                 makes it deeper, its new layers starting as identities (load_deeper_unet)
   6. assemble   a StableDiffusionPipeline with SD's PNDM scheduler, saved as fp16 safetensors
 
-Runs on CUDA when there is one (bf16 autocast, larger batches), else on the CPU.
+Runs on CUDA when there is one (bf16 autocast; the batch sizes stay the same unless you pass
+--unet-batch and the like), else on the CPU.
 Evaluate the result with scripts/evaluate.py.
 """
 
