@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 FIGURE = "mini_sd_samples.png"
 MISSES = "mini_sd_misses.png"
 SEED = 2026  # the prompts' seed; distinct from the evaluation's and from training's
-EVAL_SEED = 1_000_003  # scripts/evaluate.py's: its prompts, and prompt i generated with seed EVAL_SEED + i
 
 
 def verdict_title(caption: str, verdict: dict[str, bool], seen: dict | None = None) -> str:
@@ -82,6 +81,7 @@ def make_misses(out: Path, n: int = 200, steps: int = 25, models: Path | None = 
     ones the judge finds wrong, each titled with what it read instead; return the PNG's path (None,
     and no file, when nothing is wrong) and print the tally."""
     from utils import image_grid
+    from utils.evaluation import TEXT2IMAGE_EVAL_SEED as EVAL_SEED
     from utils.judge import judge_image
 
     scenes, images, verdicts = _generate(models, n, EVAL_SEED, steps, seed=EVAL_SEED)

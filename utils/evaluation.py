@@ -34,6 +34,8 @@ from .toyworld import (
     render_scene,
 )
 
+TEXT2IMAGE_EVAL_SEED = 1_000_003  # scripts/evaluate.py's prompts (prompt i generated with seed +i) and
+# held-out images (from +1, and +77 for the VAE's further ones); never rendered for training
 EVAL_SEED = 2_000_003  # the inpainting and depth evaluation scenes (never rendered for training)
 
 
